@@ -1,0 +1,193 @@
+"""Continuous-batching scheduler with chunked prefill: policy over plain data.
+
+Lifecycle of a request in this scheduler (colocated engine and decode worker):
+
+    WAITING ──admit (blocks + budget)──▶ RUNNING ──eos / stop / max_tokens──▶ FINISHED
+       ▲                                   │
+       └──── preempted (blocks freed, ─────┘
+             recomputed from scratch; youngest first)
+
+Every step has a token budget (`max_num_batched_tokens`). Running requests go first,
+in admission order: a decoding request takes 1 token, a request still in prefill takes
+the next chunk of its prompt. Then waiting requests are admitted, FCFS, while the
+budget, `max_num_seqs` and free blocks allow. The scheduler thinks in tokens; the
+block manager answers in block ids; the model runner sees only the output dataclass.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from decode.block_manager import BlockManager
+from disagg.config import SchedulerConfig
+from disagg.request import FinishReason, Request
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int            # tokens computed for it in this step
+    block_table: list[int]     # the request's blocks after allocation
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this step reach the end of the request's known tokens (so it samples one)?"""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token over a cached prefix: served by the paged decode kernel."""
+        return self.num_tokens == 1
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)   # decodes first, then prefill chunks
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_decode(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+        self.cfg = cfg
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ------------------------------------------------------------------ queues
+    def add(self, req: Request) -> None:
+        if req.num_prompt_tokens == 0:
+            raise ValueError("empty prompt")
+        if req.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens does not fit the "
+                             f"maximum context length of {self.max_model_len} tokens")
+        if self.bm.blocks_for(req.num_prompt_tokens + 1) > self.bm.num_blocks:
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens does not fit the KV cache "
+                             f"({self.bm.num_blocks} blocks of {self.bm.block_size})")
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks."""
+        for i, r in enumerate(self.running):
+            if r.request_id == request_id:
+                del self.running[i]
+                return self._finish(r, FinishReason.ABORT)
+        for r in self.waiting:
+            if r.request_id == request_id:
+                self.waiting.remove(r)
+                return self._finish(r, FinishReason.ABORT)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+                victim = self.running[-1]   # youngest admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n, list(self.bm.block_table(req.request_id))))
+                scheduled_ids.add(req.request_id)
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: it was the youngest, nothing left behind it
+
+        # Admit waiting requests only when nothing was preempted this step (no thrash).
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.cfg.max_num_seqs):
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, list(self.bm.block_table(req.request_id))))
+            budget -= n
+        out.scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance counters after the step ran; append sampled tokens; return newly finished requests."""
+        finished = []
+        for s in out.scheduled:
+            req = s.request
+            if req.finished:        # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_tokens
+            tok = sampled.get(req.request_id)
+            if tok is None:
+                continue
+            req.output_token_ids.append(tok)
+            reason = self.stop_reason(req)
+            if reason is not None:
+                self.running.remove(req)
+                finished.append(self._finish(req, reason))
+        return finished
+
+    def stop_reason(self, req: Request) -> FinishReason | None:
+        p = req.params
+        tok = req.output_token_ids[-1]
+        if not p.ignore_eos and tok in req.eos_token_ids:
+            return FinishReason.STOP
+        if tok in p.stop_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        if self.bm.blocks_for(req.num_tokens) > self.bm.num_blocks:
+            return FinishReason.LENGTH   # could never fit the cache, even alone
+        return None
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """End a running request from outside (a stop string matched)."""
+        for r in self.running:
+            if r.request_id == request_id:
+                self.running.remove(r)
+                return self._finish(r, reason)
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> Request:
+        req.finish_reason = reason
+        self.bm.free(req.request_id)
+        return req

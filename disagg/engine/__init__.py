@@ -1,0 +1,1 @@
+"""The colocated engine: scheduler + model runner in one process (the baseline)."""

@@ -1,0 +1,199 @@
+"""The model runner: scheduler output in, sampled tokens out. It thinks in tensors.
+
+It owns the weights and the paged KV cache (one [num_blocks, block_size, Hkv, D] pair
+per layer, carved from one tensor so kvtransfer can address blocks), builds the
+flattened batch and the attention metadata, and on CUDA replays captured graphs for
+decode-only steps (batch padded up to the next captured size; padding rows write to
+slot -1 and attend over a zero-length context).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from decode.sampler import SampleResult, sample
+from decode.scheduler import ScheduledRequest, SchedulerOutput
+from disagg.config import EngineConfig, ModelConfig
+from disagg.kernels import get_kernels
+from disagg.model.llama import AttnMetadata, LlamaModel, PrefillSeq
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]                 # request id -> new token
+    logprobs: dict[str, tuple]              # request id -> (logprob, top) when asked
+    seconds: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, max_model_len: int, progress: bool = False):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = cfg.torch_device
+        self.dtype = cfg.torch_dtype
+        self.max_model_len = max_model_len
+        self.block_size = cfg.cache.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.kernels = get_kernels(cfg.use_triton)
+        torch.manual_seed(cfg.seed)
+        self.model = LlamaModel.from_pretrained(cfg.model_dir, model_cfg, self.kernels, self.device, self.dtype,
+                                                max_positions=max_model_len, progress=progress,
+                                                load_format=cfg.load_format)
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, self.block_size,
+                                    model_cfg.num_kv_heads, model_cfg.head_dim, device=self.device, dtype=self.dtype)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers)]
+        self.graphs: dict[int, tuple] = {}
+        if self.device.type == "cuda" and cfg.use_cuda_graphs:
+            self._capture_graphs(cfg.scheduler.max_num_seqs)
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.model_cfg
+        return 2 * c.num_layers * self.block_size * c.kv_size * torch.empty((), dtype=self.dtype).element_size()
+
+    def _decide_num_blocks(self) -> int:
+        cc = self.cfg.cache
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        if self.device.type != "cuda":
+            return max(int(cc.cpu_kv_gib * 2**30) // self.bytes_per_block, 1)
+        # Profile the activation peak with one full-budget prefill (slots -1: nothing cached).
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        T = min(self.cfg.scheduler.max_num_batched_tokens, self.max_model_len)
+        dummy = [(torch.empty(1, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim,
+                              device=self.device, dtype=self.dtype),) * 2 for _ in range(self.model_cfg.num_layers)]
+        ids = torch.zeros(T, dtype=torch.long, device=self.device)
+        meta = AttnMetadata(slot_mapping=torch.full((T,), -1, dtype=torch.long, device=self.device),
+                            prefills=[PrefillSeq(0, T, T, torch.zeros(1, dtype=torch.long, device=self.device))])
+        h = self.model.forward(ids, torch.arange(T, device=self.device), meta, dummy)
+        self.model.compute_logits(h[-min(T, self.cfg.scheduler.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del dummy, h
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = total * cc.gpu_memory_utilization - peak - max(used_by_others, 0)
+        n = int(budget // self.bytes_per_block)
+        if n < 1:
+            raise RuntimeError("no GPU memory left for the KV cache: lower the model size or raise "
+                               "--gpu-memory-utilization")
+        torch.cuda.empty_cache()
+        return n
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, sched: SchedulerOutput):
+        """Flatten the step into token ids, positions, slots and attention metadata."""
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        dec_tables, dec_lens, prefills = [], [], []
+        for s in sched.scheduled:
+            start, n = s.start, s.num_tokens
+            toks = s.request.all_token_ids[start:start + n]
+            q_start = len(ids)
+            ids.extend(toks)
+            pos.extend(range(start, start + n))
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if s.is_decode:
+                dec_tables.append(table)
+                dec_lens.append(start + 1)
+            else:
+                prefills.append((q_start, n, start + n, table))
+        return ids, pos, slots, dec_tables, dec_lens, prefills
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device="cpu").to(self.device, non_blocking=True)
+
+    def _block_table_tensor(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        bt = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        return bt.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        t0 = time.perf_counter()
+        ids, pos, slots, dec_tables, dec_lens, prefills = self._prepare(sched)
+        nd = len(dec_tables)
+        sample_rows, sample_reqs = [], []
+        row = 0
+        for s in sched.scheduled:
+            row += s.num_tokens
+            if s.samples:
+                sample_rows.append(row - 1)
+                sample_reqs.append(s.request)
+        if not prefills and self.graphs and 0 < nd <= max(self.graphs):
+            logits = self._run_graph(ids, pos, slots, dec_tables, dec_lens)
+        else:
+            width = max((len(t) for t in dec_tables), default=1)
+            meta = AttnMetadata(
+                slot_mapping=self._tensor(slots), num_decode=nd,
+                decode_block_tables=self._block_table_tensor(dec_tables, width) if nd else None,
+                decode_context_lens=self._tensor(dec_lens, torch.int32) if nd else None,
+                prefills=[PrefillSeq(q, n, c, self._tensor(t)) for q, n, c, t in prefills])
+            hidden = self.model.forward(self._tensor(ids), self._tensor(pos), meta, self.kv_caches)
+            logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]) if sample_rows else None
+        if not sample_reqs:
+            return StepResult({}, {}, time.perf_counter() - t0)
+        if logits.shape[0] != len(sample_reqs):   # graph path: rows are exactly the decodes, padded
+            logits = logits[torch.tensor(sample_rows, device=logits.device)]
+        res: SampleResult = sample(logits, [r.params for r in sample_reqs],
+                                   [r.num_output_tokens for r in sample_reqs])
+        sampled = {r.request_id: t for r, t in zip(sample_reqs, res.token_ids)}
+        lps = {r.request_id: lp for r, lp in zip(sample_reqs, res.logprobs) if lp is not None}
+        return StepResult(sampled, lps, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _capture_graphs(self, max_bs: int) -> None:
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+        B, W = max(sizes), self.max_blocks_per_seq
+        dev = self.device
+        self._g_ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((B,), -1, dtype=torch.long, device=dev)
+        self._g_bt = torch.zeros(B, W, dtype=torch.int32, device=dev)
+        self._g_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        pool = None
+        for b in reversed(sizes):   # largest first so smaller graphs reuse its memory pool
+            meta = AttnMetadata(slot_mapping=self._g_slots[:b], num_decode=b,
+                                decode_block_tables=self._g_bt[:b], decode_context_lens=self._g_lens[:b])
+            run = lambda b=b, meta=meta: self.model.compute_logits(  # noqa: E731
+                self.model.forward(self._g_ids[:b], self._g_pos[:b], meta, self.kv_caches))
+            torch.cuda.synchronize()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = run()
+            pool = g.pool()
+            self.graphs[b] = (g, out)
+        torch.cuda.synchronize()
+
+    def _run_graph(self, ids, pos, slots, dec_tables, dec_lens) -> torch.Tensor:
+        n = len(ids)
+        b = min(k for k in self.graphs if k >= n)
+        W = self._g_bt.shape[1]
+        bt = torch.zeros(b, W, dtype=torch.int32)
+        for i, t in enumerate(dec_tables):
+            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        pad = b - n
+        self._g_ids[:b].copy_(self._tensor(ids + [0] * pad))
+        self._g_pos[:b].copy_(self._tensor(pos + [0] * pad))
+        self._g_slots[:b].copy_(self._tensor(slots + [-1] * pad))
+        self._g_lens[:b].copy_(self._tensor(dec_lens + [0] * pad, torch.int32))
+        self._g_bt[:b].copy_(bt.to(self.device, non_blocking=True))
+        g, out = self.graphs[b]
+        g.replay()
+        return out[:n]

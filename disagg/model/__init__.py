@@ -1,0 +1,1 @@
+"""The model: HF checkpoint loading, tokenizer + chat template, Llama-family forward."""
