@@ -1,0 +1,1 @@
+"""Decode role: paged KV bookkeeping, continuous-batching scheduler, sampler."""

@@ -1,0 +1,227 @@
+"""The `disagg` command: generate, serve, demo. Flags follow vLLM's names where one exists."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+
+
+# ---------------------------------------------------------------------- shared flags
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+                   help="weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV-cache blocks (skips sizing)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV-cache size on CPU, GiB")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the checkpoint's shapes (benchmarks)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(directory, served name). No model: convert the bundled SmolLM2 once and use it."""
+    if model is None:
+        from disagg.model.gguf_convert import default_model_dir
+        d = default_model_dir()
+        return d, "SmolLM2-135M-Instruct"
+    if not os.path.isdir(model):
+        raise SystemExit(f"error: {model!r} is not a directory (give a Hugging Face checkpoint directory; "
+                         "nothing is downloaded from a hub)")
+    return model, os.path.basename(os.path.normpath(model))
+
+
+def engine_config(args, model_dir: str):
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    return EngineConfig(
+        model_dir=model_dir, dtype=args.dtype, device=args.device,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_gpu_blocks_override,
+                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_gib=args.cpu_kv_gib),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+        use_cuda_graphs=not args.enforce_eager, load_format=args.load_format, seed=args.seed)
+
+
+def build_engine(args):
+    from disagg.engine.llm_engine import LLMEngine
+    model_dir, name = resolve_model(args.model)
+    try:
+        cfg = engine_config(args, model_dir)
+        t0 = time.perf_counter()
+        eng = LLMEngine(cfg, progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"Loaded {name} ({eng.model_cfg.num_params / 1e6:.0f}M params, {eng.runner.dtype}, "
+          f"{eng.runner.device}, kernels: {eng.runner.kernels.name}, {eng.runner.num_blocks} KV blocks of "
+          f"{cfg.cache.block_size}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return eng, name
+
+
+# ---------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from disagg.request import SamplingParams
+    eng, _ = build_engine(args)
+    tok = eng.tokenizer
+    if args.chat:
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed_sampling, stop=tuple(args.stop or ()),
+                                ignore_eos=args.ignore_eos)
+        req = eng.add_request(ids, params)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        for out in eng.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"[{req.num_output_tokens} tokens in {dt:.2f}s, {req.num_output_tokens / max(dt, 1e-9):.1f} tok/s, "
+          f"finish_reason={req.finish_reason.value}]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- serve
+async def start_server(args, eng, name, host: str, port: int):
+    from aiohttp import web
+
+    from disagg.engine.async_engine import AsyncEngine
+    from router.server import Server
+    aeng = AsyncEngine(eng)
+    aeng.start()
+    server = Server(aeng, eng.tokenizer, args.served_model_name or name, eng.max_model_len, api_key=args.api_key)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return aeng, runner
+
+
+def cmd_serve(args) -> int:
+    if args.prefill or args.decode:
+        raise SystemExit("error: disaggregated mode (--prefill/--decode) is not built yet; use --colocated")
+    eng, name = build_engine(args)
+    api_key = args.api_key or os.environ.get("DISAGG_API_KEY")
+    args.api_key = api_key
+
+    async def main():
+        import signal
+        aeng, runner = await start_server(args, eng, name, args.host, args.port)
+        print(f"Serving {args.served_model_name or name} (colocated) on http://{args.host}:{args.port}/v1 "
+              f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set() and aeng.healthy:
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        failed = not aeng.healthy and not stop.is_set()
+        await runner.cleanup()
+        aeng.stop()
+        return 1 if failed else 0
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- demo
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_demo(args) -> int:
+    """Serve the model on a loopback port, ask one chat question over HTTP, print the answer."""
+    import aiohttp
+    eng, name = build_engine(args)
+    args.api_key = None
+
+    async def main():
+        port = _free_port()
+        aeng, runner = await start_server(args, eng, name, "127.0.0.1", port)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": args.served_model_name or name, "messages": [{"role": "user", "content": args.question}],
+                "max_tokens": args.max_tokens, "temperature": 0}
+        try:
+            async with aiohttp.ClientSession() as s:
+                t0 = time.perf_counter()
+                async with s.post(url, json=body) as r:
+                    data = await r.json()
+                dt = time.perf_counter() - t0
+        finally:
+            await runner.cleanup()
+            aeng.stop()
+        if "error" in data:
+            print(f"error: {data['error']['message']}", file=sys.stderr)
+            return 1
+        print(f"POST {url}")
+        print(f"user:      {args.question}")
+        print(f"assistant: {data['choices'][0]['message']['content']}")
+        u = data["usage"]
+        print(f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens in {dt:.2f}s]")
+        return 0
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print it")
+    add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed-sampling", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP endpoint")
+    add_engine_args(s)
+    s.add_argument("--colocated", action="store_true",
+                   help="one engine does prefill and decode (the baseline; today the only mode)")
+    s.add_argument("--prefill", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--decode", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DISAGG_API_KEY)")
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="serve the model on loopback and answer one chat request")
+    add_engine_args(d)
+    d.add_argument("--question", default="What is the capital of France?")
+    d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--served-model-name", default=None)
+    d.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefill role (disaggregated serving; see DESIGN.md)."""

@@ -1,0 +1,40 @@
+"""Prometheus metrics named like vLLM's, under a `disagg:` prefix, in a registry per server."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+        80.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, L = self.registry, ["model_name"]
+        self.ttft = Histogram("disagg:time_to_first_token_seconds", "Time to first token.", L,
+                              buckets=_LAT, registry=r).labels(model_name)
+        self.itl = Histogram("disagg:inter_token_latency_seconds", "Time between output tokens.", L,
+                             buckets=_LAT, registry=r).labels(model_name)
+        self.e2e = Histogram("disagg:e2e_request_latency_seconds", "End-to-end request latency.", L,
+                             buckets=_LAT, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("disagg:prompt_tokens", "Prompt tokens processed.", L,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("disagg:generation_tokens", "Generated tokens.", L,
+                                         registry=r).labels(model_name)
+        self.request_success = Counter("disagg:request_success", "Finished requests by reason.",
+                                       L + ["finished_reason"], registry=r)
+        self.running = Gauge("disagg:num_requests_running", "Requests in the running batch.", L,
+                             registry=r).labels(model_name)
+        self.waiting = Gauge("disagg:num_requests_waiting", "Requests waiting to be scheduled.", L,
+                             registry=r).labels(model_name)
+        self.kv_usage = Gauge("disagg:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", L,
+                              registry=r).labels(model_name)
+        self.errors = Counter("disagg:request_errors", "Requests answered with an error, by HTTP status.",
+                              L + ["status"], registry=r)
+
+    def finished(self, reason: str) -> None:
+        self.request_success.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
