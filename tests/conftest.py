@@ -77,3 +77,25 @@ def tiny_ckpts(tmp_path_factory):
             cache[key] = build_tiny_checkpoint(str(d), variant, dtype, shards=shards)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The bundled SmolLM2-135M-Instruct, converted once into the user cache (~/.cache/disagg)."""
+    from disagg.model.gguf_convert import default_model_dir
+    return default_model_dir()
+
+
+def make_engine(model_dir: str, num_blocks: int = 256, block_size: int = 4, budget: int = 64,
+                max_num_seqs: int = 32, dtype: str | None = None):
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    from disagg.engine.llm_engine import LLMEngine
+    return LLMEngine(EngineConfig(model_dir, dtype=dtype, cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)))
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                            eos_token_id=hf_model.generation_config.eos_token_id if stop_at_eos else None)
+    return out[0, len(prompt):].tolist()
