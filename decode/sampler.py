@@ -28,8 +28,9 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     ranks = torch.arange(V, device=logits.device)[None, :]
     drop = ranks >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays); top_p == 1
+    # is off: a float32 cumsum reaches 1.0 before the tail ends and would cut it
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
@@ -61,7 +62,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     if want:
         lp = logits[want].log_softmax(dim=-1)
         kmax = max(params[i].logprobs for i in want)
-        top_v, top_i = lp.topk(max(kmax, 1), dim=-1)
+        top_v, top_i = lp.topk(min(max(kmax, 1), lp.shape[-1]), dim=-1)   # a tiny vocab caps top-n
         chosen = lp.gather(1, out[want][:, None]).squeeze(1).tolist()
         top_v, top_i = top_v.tolist(), top_i.tolist()
         for j, i in enumerate(want):

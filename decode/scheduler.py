@@ -28,15 +28,13 @@ class ScheduledRequest:
     request: Request
     num_tokens: int            # tokens computed for it in this step
     block_table: list[int]     # the request's blocks after allocation
+    start: int | None = None   # num_computed_tokens when scheduled (snapshot: plain data after update())
+    samples: bool = False      # does this step reach the end of the known tokens (so it samples one)?
 
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Does this step reach the end of the request's known tokens (so it samples one)?"""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+    def __post_init__(self):
+        if self.start is None:
+            self.start = self.request.num_computed_tokens
+            self.samples = self.start + self.num_tokens == self.request.num_tokens
 
     @property
     def is_decode(self) -> bool:

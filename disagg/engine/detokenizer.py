@@ -33,14 +33,17 @@ class IncrementalDetokenizer:
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tok.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            start = max(len(self.text) - self.holdback, 0)
-            self.text += new
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
+            self._append(full[len(prefix):])
+
+    def _append(self, new: str) -> None:
+        """Extend `text`; cut it at the earliest stop string that the new characters complete."""
+        start = max(len(self.text) - self.holdback, 0)
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
 
     def flush(self) -> None:
         """At the end: emit a trailing partial character as the tokenizer renders it."""
@@ -48,8 +51,8 @@ class IncrementalDetokenizer:
             return
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tok.decode(self.ids[self.prefix_offset:])
-        self.text += full[len(prefix):]
         self.read_offset = len(self.ids)
+        self._append(full[len(prefix):])     # a stop string may sit before the partial character
 
     def delta(self, final: bool) -> str:
         """Text not yet streamed; holds back a possible stop-string prefix unless final."""
