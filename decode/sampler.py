@@ -39,9 +39,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     """logits: [N, V] float32, one row per request; output_index[i]: how many tokens row i has produced."""
     N = logits.shape[0]
     dev = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
     out = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):       # decided on the host: no device sync
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
         top_k = torch.tensor([p.top_k for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)

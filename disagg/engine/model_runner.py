@@ -22,6 +22,16 @@ from disagg.model.llama import AttnMetadata, LlamaModel, PrefillSeq
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
+def _token_slice(req, start: int, n: int) -> list[int]:
+    """req.all_token_ids[start:start+n] without concatenating prompt and output every step."""
+    np_ = req.num_prompt_tokens
+    if start >= np_:
+        return req.output_token_ids[start - np_:start - np_ + n]
+    if start + n <= np_:
+        return req.prompt_token_ids[start:start + n]
+    return req.prompt_token_ids[start:] + req.output_token_ids[:start + n - np_]
+
+
 @dataclass
 class StepResult:
     sampled: dict[str, int]                 # request id -> new token
@@ -73,7 +83,10 @@ class ModelRunner:
         meta = AttnMetadata(slot_mapping=torch.full((T,), -1, dtype=torch.long, device=self.device),
                             prefills=[PrefillSeq(0, T, T, torch.zeros(1, dtype=torch.long, device=self.device))])
         h = self.model.forward(ids, torch.arange(T, device=self.device), meta, dummy)
-        self.model.compute_logits(h[-min(T, self.cfg.scheduler.max_num_seqs):])
+        logits = self.model.compute_logits(h[-min(T, self.cfg.scheduler.max_num_seqs):])
+        from disagg.request import SamplingParams
+        sample(logits, [SamplingParams(temperature=1.0, top_p=0.9)] * logits.shape[0], [0] * logits.shape[0])
+        del logits
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del dummy, h
@@ -95,7 +108,7 @@ class ModelRunner:
         dec_tables, dec_lens, prefills = [], [], []
         for s in sched.scheduled:
             start, n = s.start, s.num_tokens
-            toks = s.request.all_token_ids[start:start + n]
+            toks = _token_slice(s.request, start, n)
             q_start = len(ids)
             ids.extend(toks)
             pos.extend(range(start, start + n))
@@ -119,7 +132,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput, layer_hook=None) -> StepResult:
         t0 = time.perf_counter()
         ids, pos, slots, dec_tables, dec_lens, prefills = self._prepare(sched)
         nd = len(dec_tables)
@@ -130,7 +143,7 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(row - 1)
                 sample_reqs.append(s.request)
-        if not prefills and self.graphs and 0 < nd <= max(self.graphs):
+        if not prefills and layer_hook is None and self.graphs and 0 < nd <= max(self.graphs):
             logits = self._run_graph(ids, pos, slots, dec_tables, dec_lens)
         else:
             width = max((len(t) for t in dec_tables), default=1)
@@ -139,7 +152,7 @@ class ModelRunner:
                 decode_block_tables=self._block_table_tensor(dec_tables, width) if nd else None,
                 decode_context_lens=self._tensor(dec_lens, torch.int32) if nd else None,
                 prefills=[PrefillSeq(q, n, c, self._tensor(t)) for q, n, c, t in prefills])
-            hidden = self.model.forward(self._tensor(ids), self._tensor(pos), meta, self.kv_caches)
+            hidden = self.model.forward(self._tensor(ids), self._tensor(pos), meta, self.kv_caches, layer_hook)
             logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]) if sample_rows else None
         if not sample_reqs:
             return StepResult({}, {}, time.perf_counter() - t0)
@@ -161,6 +174,8 @@ class ModelRunner:
         self._g_slots = torch.full((B,), -1, dtype=torch.long, device=dev)
         self._g_bt = torch.zeros(B, W, dtype=torch.int32, device=dev)
         self._g_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        self._g_stage = torch.zeros(B, 4 + W, dtype=torch.long).pin_memory()
+        self._g_stage_np = self._g_stage.numpy()
         pool = None
         for b in reversed(sizes):   # largest first so smaller graphs reuse its memory pool
             meta = AttnMetadata(slot_mapping=self._g_slots[:b], num_decode=b,
@@ -182,18 +197,21 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _run_graph(self, ids, pos, slots, dec_tables, dec_lens) -> torch.Tensor:
+        """Fill the static inputs with one host->device copy of a pinned staging row block, replay."""
         n = len(ids)
         b = min(k for k in self.graphs if k >= n)
-        W = self._g_bt.shape[1]
-        bt = torch.zeros(b, W, dtype=torch.int32)
+        w = max(len(t) for t in dec_tables)
+        st = self._g_stage_np                       # [B, 4 + W] int64 view of pinned memory
+        st[:b, :4] = (0, 0, -1, 0)                  # padding rows: token 0, pos 0, slot -1, len 0
+        st[:n, 0], st[:n, 1], st[:n, 2], st[:n, 3] = ids, pos, slots, dec_lens
         for i, t in enumerate(dec_tables):
-            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        pad = b - n
-        self._g_ids[:b].copy_(self._tensor(ids + [0] * pad))
-        self._g_pos[:b].copy_(self._tensor(pos + [0] * pad))
-        self._g_slots[:b].copy_(self._tensor(slots + [-1] * pad))
-        self._g_lens[:b].copy_(self._tensor(dec_lens + [0] * pad, torch.int32))
-        self._g_bt[:b].copy_(bt.to(self.device, non_blocking=True))
+            st[i, 4:4 + len(t)] = t
+        dev = self._g_stage[:b, :4 + w].to(self.device, non_blocking=True)
+        self._g_ids[:b].copy_(dev[:, 0])
+        self._g_pos[:b].copy_(dev[:, 1])
+        self._g_slots[:b].copy_(dev[:, 2])
+        self._g_lens[:b].copy_(dev[:, 3])
+        self._g_bt[:b, :w].copy_(dev[:, 4:])     # columns past w are stale but beyond every context
         g, out = self.graphs[b]
         g.replay()
         return out[:n]

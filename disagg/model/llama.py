@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from disagg.config import ModelConfig
 from disagg.kernels import KernelSet
@@ -119,19 +120,25 @@ class LlamaModel:
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, H] (after the last norm)."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layer_hook=None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H] (after the last norm).
+
+        layer_hook(i, k_cache, v_cache), if given, runs right after layer i wrote its KV
+        (the prefill worker streams that layer's KV out while the next layers compute).
+        """
         k = self.k
         eps = self.cfg.rms_norm_eps
         h = F.embedding(input_ids, self.embed)
         residual = None
-        for lw, (kc, vc) in zip(self.layers, kv_caches):
+        for i, (lw, (kc, vc)) in enumerate(zip(self.layers, kv_caches)):
             if residual is None:
                 residual = h
                 x = k.rms_norm(h, lw.input_norm, eps)
             else:
                 x, residual = k.fused_add_rms_norm(h, residual, lw.input_norm, eps)
             x = self._attention(x, positions, lw, kc, vc, meta)
+            if layer_hook is not None:
+                layer_hook(i, kc, vc)
             x, residual = k.fused_add_rms_norm(x, residual, lw.post_norm, eps)
             gu = F.linear(x, lw.gate_up)
             g, u = gu.chunk(2, dim=-1)
@@ -177,11 +184,12 @@ class LlamaModel:
             blocks = ps.block_table[:n]
             k = kc[blocks].flatten(0, 1)[:ps.ctx_len]      # [ctx, Hkv, D]
             v = vc[blocks].flatten(0, 1)[:ps.ctx_len]
-            # query i sits at position ctx-L+i and sees keys 0..ctx-L+i
-            qpos = torch.arange(ps.ctx_len - L, ps.ctx_len, device=q.device)
-            mask = torch.arange(ps.ctx_len, device=q.device)[None, :] <= qpos[:, None]
+            g = q.shape[1] // k.shape[1]
+            if g > 1:   # the fused backends take no GQA broadcast together with a mask
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            # query i sits at position ctx-L+i and sees keys 0..ctx-L+i: causal, aligned bottom-right
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=mask, scale=self.scale, enable_gqa=True)
+                                               attn_mask=causal_lower_right(L, ps.ctx_len), scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                is_causal=True, scale=self.scale, enable_gqa=True)
