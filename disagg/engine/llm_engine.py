@@ -21,8 +21,10 @@ from disagg.request import FinishReason, Request, RequestOutput, SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, progress: bool = False):
+    def __init__(self, cfg: EngineConfig, progress: bool = False, detokenize: bool = True):
+        """detokenize=False: token ids only (a disaggregated decode worker; the router detokenizes)."""
         self.cfg = cfg
+        self.detokenize = detokenize
         self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
         self.tokenizer = Tokenizer(cfg.model_dir)
         mc = self.model_cfg
@@ -69,6 +71,48 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ------------------------------------------------------------------ disaggregated decode
+    # A decode worker's requests arrive prefilled: blocks are reserved first (Reserve), the KV
+    # lands in them (kvtransfer), then the request joins the batch holding its first token.
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> bool:
+        """Allocate blocks for the prompt and the first token; False (nothing held) if full."""
+        if request_id in self.requests or self.block_manager.has(request_id):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens does not fit the maximum context length "
+                             f"of {self.max_model_len} tokens")
+        return self.block_manager.allocate_slots(request_id, num_prompt_tokens + 1) is not None
+
+    def release(self, request_id: str) -> None:
+        """Drop a reservation whose request never arrived."""
+        if request_id not in self.requests:
+            self.block_manager.free(request_id)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.block_manager.block_table(request_id)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                      params: SamplingParams, kv_ok: bool = True) -> RequestOutput | None:
+        """Join a request whose prompt KV sits in its reserved blocks (kv_ok) and whose first token
+        was sampled by the prefill worker. Without valid KV the prompt is recomputed here.
+        Returns an output only if the first token already ends it."""
+        room = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens > room:
+            params = replace(params, max_tokens=max(room, 1))
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids)
+        req.output_token_ids.append(first_token)
+        req.num_computed_tokens = len(prompt_token_ids) if kv_ok else 0
+        self.requests[request_id] = req
+        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
+        if self.detokenize:
+            self.detok[request_id].add(first_token)
+        reason = self.scheduler.stop_reason(req)
+        if reason is not None:
+            self.scheduler._finish(req, reason)
+            return self._output(req, [], [])
+        self.scheduler.waiting.append(req)
+        return None
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
@@ -84,19 +128,22 @@ class LLMEngine:
             lp = result.logprobs.get(rid)
             if lp is not None:
                 req.output_logprobs.append(lp)
-            d = self.detok[rid]
-            d.add(tok)
-            if d.stopped and not req.finished:
-                self.scheduler.finish(rid, FinishReason.STOP)
+            if self.detokenize:
+                d = self.detok[rid]
+                d.add(tok)
+                if d.stopped and not req.finished:
+                    self.scheduler.finish(rid, FinishReason.STOP)
             outputs.append(self._output(req, [tok], [lp] if lp is not None else []))
         return outputs
 
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
-        d = self.detok[req.request_id]
-        if req.finished:
-            d.flush()
-        text = d.delta(final=req.finished)
-        req.output_text = d.text
+        text = ""
+        if self.detokenize:
+            d = self.detok[req.request_id]
+            if req.finished:
+                d.flush()
+            text = d.delta(final=req.finished)
+            req.output_text = d.text
         out = RequestOutput(req.request_id, new_ids, req.finish_reason, req.num_prompt_tokens,
                             req.num_output_tokens, new_lps, new_text=text)
         if req.finished:

@@ -1,0 +1,167 @@
+"""Decode worker: receives prefilled requests' KV into its paged cache and decodes them.
+
+Lifecycle of a request here (deadlines are the router's; see router.dispatch):
+
+    RESERVED   blocks for prompt + 1 allocated on the router's Reserve
+       │  TransferPlan from the prefill rank (processed in plan_id order per source):
+       ▼  one irecv per layer posted into payload buffers
+    RECEIVING  poll(): landed layers are decoded and scattered into the reserved blocks
+       │  all layers landed + PlanDone (first token) arrived
+       ▼
+    WAITING / RUNNING in the engine's scheduler, holding its first token;
+       checksum mismatch: the KV is discarded and the prompt recomputed here
+       (never served from corrupt KV)
+       ▼
+    FINISHED   TokenOutputs streamed to the router; blocks freed
+
+An abort while RECEIVING keeps the blocks until the plan lands (a receive in flight
+still scatters into them), then frees them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+
+from disagg.config import EngineConfig
+from disagg.engine.llm_engine import LLMEngine
+from disagg.messages import PlanDone, Reserve, ReserveReply, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
+from kvtransfer.transfer import KVReceiver, slot_mapping
+
+
+class DecodeWorker:
+    def __init__(self, cfg: EngineConfig, rank: int, channel, codec):
+        self.rank = rank
+        self.engine = LLMEngine(cfg, detokenize=False)
+        r = self.engine.runner
+        mc = self.engine.model_cfg
+        self.receiver = KVReceiver(channel, codec, r.kernels, r.kv_caches, mc.num_kv_heads, mc.head_dim,
+                                   r.dtype, r.device)
+        self.codec = codec
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: list[TokenOutput] = []
+        self._out_lock = threading.Condition()
+        self._reserve_lock = threading.Lock()
+        self.reserved: set[str] = set()
+        self.aborted: set[str] = set()
+        self.plans: dict[int, dict[int, TransferPlan]] = defaultdict(dict)    # src -> plan_id -> plan
+        self.next_plan: dict[int, int] = defaultdict(int)
+        self.done_msgs: dict[tuple[int, int], PlanDone] = {}
+        self.landed: dict[tuple[int, int], tuple] = {}                          # (src, pid) -> (plan, ok)
+        self.fallbacks = 0
+
+    # ------------------------------------------------------------------ cross-thread API
+    def reserve(self, msg: Reserve) -> ReserveReply:
+        # The block manager belongs to the engine thread; reservations take this lock, and so does
+        # the engine thread's step (see run_step), so the two never interleave.
+        with self._reserve_lock:
+            try:
+                ok = self.engine.reserve(msg.request_id, msg.num_prompt_tokens)
+            except ValueError:
+                ok = False
+            if ok:
+                self.reserved.add(msg.request_id)
+            return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks)
+
+    def control(self, msg) -> None:
+        """TransferPlan / PlanDone from a prefill rank, or an abort (request id string)."""
+        self.inbox.put(msg)
+
+    def take_outputs(self, timeout: float = 0.5) -> list[TokenOutput]:
+        with self._out_lock:
+            if not self.outbox:
+                self._out_lock.wait(timeout)
+            out, self.outbox = self.outbox, []
+        return out
+
+    def _emit(self, items: list[TokenOutput]) -> None:
+        if items:
+            with self._out_lock:
+                self.outbox.extend(items)
+                self._out_lock.notify_all()
+
+    def load(self) -> WorkerLoad:
+        sch, bm = self.engine.scheduler, self.engine.block_manager
+        return WorkerLoad(self.rank, "decode", sch.num_running, sch.num_waiting + len(self.reserved), 0,
+                          bm.num_free_blocks, bm.num_blocks)
+
+    def has_work(self) -> bool:
+        return (self.engine.has_unfinished() or bool(self.receiver.pending) or not self.inbox.empty()
+                or bool(self.landed))
+
+    # ------------------------------------------------------------------ engine thread
+    def _apply(self, msg) -> None:
+        if isinstance(msg, TransferPlan):
+            self.plans[msg.src_rank][msg.plan_id] = msg
+        elif isinstance(msg, PlanDone):
+            self.done_msgs[(msg.src_rank, msg.plan_id)] = msg
+        elif isinstance(msg, str):          # abort
+            self._abort(msg)
+
+    def _abort(self, rid: str) -> None:
+        if rid in self.reserved:
+            self.aborted.add(rid)           # freed when its plan lands (or now, if none is in flight)
+            in_flight = any(rid in p.request_ids for p in self.receiver.pending) or any(
+                rid in p.request_ids for plans in self.plans.values() for p in plans.values())
+            if not in_flight:
+                self._drop_reservation(rid)
+            return
+        out = self.engine.abort(rid)
+        if out is not None:
+            self._emit([TokenOutput(rid, [], out.num_prompt_tokens, out.num_output_tokens, "abort")])
+
+    def _drop_reservation(self, rid: str) -> None:
+        self.reserved.discard(rid)
+        self.aborted.discard(rid)
+        self.engine.release(rid)
+
+    def _post_ready_plans(self) -> None:
+        """Post irecvs for each source's plans strictly in plan_id order (the wire order)."""
+        for src, plans in self.plans.items():
+            while self.next_plan[src] in plans:
+                p = plans.pop(self.next_plan[src])
+                self.next_plan[src] += 1
+                tables = [self.engine.block_table(r) for r in p.request_ids]
+                slots = slot_mapping(tables, p.num_tokens, self.engine.block_manager.block_size,
+                                     self.engine.runner.device)
+                self.receiver.post(src, p.plan_id, p.request_ids, p.num_tokens, slots)
+
+    def _admit_landed(self) -> None:
+        for pending, ok in self.receiver.poll():
+            self.landed[(pending.src, pending.plan_id)] = (pending, ok)
+        outs = []
+        for key in list(self.landed):
+            done = self.done_msgs.pop(key, None)
+            if done is None:
+                continue                     # KV is here, first tokens not yet
+            pending, ok = self.landed.pop(key)
+            if not ok:
+                self.fallbacks += len(pending.request_ids)
+            for i, rid in enumerate(pending.request_ids):
+                if rid in self.aborted or rid not in self.reserved:
+                    self._drop_reservation(rid)
+                    continue
+                self.reserved.discard(rid)
+                params = params_from_dict(done.params[i])
+                out = self.engine.add_prefilled(rid, done.prompt_token_ids[i], done.first_tokens[i], params,
+                                                kv_ok=ok)
+                if out is not None:          # the first token already ended it
+                    outs.append(TokenOutput(rid, [], out.num_prompt_tokens, out.num_output_tokens,
+                                            out.finish_reason.value))
+        self._emit(outs)
+
+    def run_step(self) -> None:
+        try:
+            msg = self.inbox.get(timeout=0.02) if not self.has_work() else self.inbox.get_nowait()
+            while True:
+                self._apply(msg)
+                msg = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        with self._reserve_lock:
+            self._post_ready_plans()
+            self._admit_landed()
+            outs = self.engine.step() if self.engine.has_unfinished() else []
+        self._emit([TokenOutput(o.request_id, o.new_token_ids, o.num_prompt_tokens, o.num_output_tokens,
+                                o.finish_reason.value if o.finish_reason else None,
+                                [list(lp) for lp in o.new_logprobs]) for o in outs])

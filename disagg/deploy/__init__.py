@@ -1,0 +1,1 @@
+"""Cluster deployment: the only package that imports ray."""

@@ -1,0 +1,133 @@
+"""The Ray actor around a prefill or a decode worker. Arguments and results are msgpack bytes.
+
+One actor per GPU (a CPU actor when there is none). Set-up is in steps, because every
+rank must have joined the process group before any pair can talk:
+  1. __init__: nothing heavy;  2. address(): rank 0 picks the store's host:port;
+  3. setup(): join torch.distributed, load the model, build the worker;
+  4. handshake() / measure_bandwidth() / codec_speed();  5. start(codec): run the loop thread.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+
+import ray
+
+
+@ray.remote(max_concurrency=8)
+class WorkerActor:
+    def __init__(self, role: str, rank: int):
+        self.role = role
+        self.rank = rank
+        self.worker = None
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def address(self, loopback: bool) -> str:
+        from kvtransfer.channel import free_port
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        return f"tcp://{host}:{free_port('127.0.0.1' if loopback else '0.0.0.0')}"
+
+    def setup(self, engine_cfg: dict, num_prefill: int, num_decode: int, init_method: str, torch_threads: int) -> str:
+        import torch
+
+        from disagg.deploy.config_codec import engine_config_from_dict
+        from kvtransfer.channel import ChannelConfig, KVChannel
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.cfg = engine_config_from_dict(engine_cfg)
+        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method),
+                                 self.cfg.torch_device)
+        return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()})"
+
+    def measure_bandwidth(self, peer: int, nbytes: int) -> float:
+        return self.channel.measure_bandwidth(peer, nbytes)
+
+    def codec_speed(self, names: list[str], num_tokens: int) -> dict:
+        from disagg.config import ModelConfig
+        from kvtransfer.codec_select import measure_codecs
+        mc = ModelConfig.from_dir(self.cfg.model_dir)
+        return measure_codecs(names, num_tokens, mc.num_kv_heads, mc.head_dim, self.cfg.torch_dtype,
+                              self.cfg.torch_device)
+
+    def handshake(self, codec: str) -> bytes:
+        from disagg.config import ModelConfig
+        from disagg.messages import encode
+        from kvtransfer.handshake import make_handshake
+        mc = ModelConfig.from_dir(self.cfg.model_dir)
+        return encode(make_handshake(mc, str(self.cfg.torch_dtype).removeprefix("torch."),
+                                     self.cfg.cache.block_size, codec))
+
+    def start(self, codec_name: str, decode_handles: dict) -> str:
+        from kvtransfer.codec import get_codec
+        codec = get_codec(codec_name)
+        if self.role == "prefill":
+            from disagg.messages import encode
+            from prefill.worker import PrefillWorker
+            handles = {int(k): v for k, v in decode_handles.items()}
+            send = lambda dest, msg: handles[dest].control.remote(encode(msg))  # noqa: E731
+            self.worker = PrefillWorker(self.cfg, self.rank, self.channel, codec, send)
+        else:
+            from decode.worker import DecodeWorker
+            self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.role}-{self.rank}", daemon=True)
+        self._thread.start()
+        return f"{self.role} {self.rank}: {self.worker.__class__.__name__} with codec {codec_name}"
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.worker.run_step()
+        except Exception as e:  # noqa: BLE001 - reported through health()
+            self.error = f"{self.role} {self.rank} failed: {type(e).__name__}: {e}"
+            traceback.print_exc()
+
+    # ------------------------------------------------------------------ control plane
+    def submit(self, data: bytes) -> None:
+        from disagg.messages import PrefillRequest, decode
+        self.worker.submit(decode(data, PrefillRequest))
+
+    def reserve(self, data: bytes) -> bytes:
+        from disagg.messages import Reserve, decode, encode
+        return encode(self.worker.reserve(decode(data, Reserve)))
+
+    def control(self, data: bytes) -> None:
+        from disagg.messages import decode
+        self.worker.control(decode(data))
+
+    def abort(self, request_id: str) -> None:
+        if self.role == "prefill":
+            self.worker.abort(request_id)
+        else:
+            self.worker.control(request_id)
+
+    def take_outputs(self, timeout: float) -> bytes:
+        from disagg.messages import encode_many
+        if self.error:
+            raise RuntimeError(self.error)
+        return encode_many(self.worker.take_outputs(timeout))
+
+    def load(self) -> bytes:
+        from disagg.messages import encode
+        return encode(self.worker.load())
+
+    def transfer_stats(self) -> dict:
+        s = self.worker.sender.stats if self.role == "prefill" else self.worker.receiver.stats
+        return {"bytes_raw": s.bytes_raw, "bytes_wire": s.bytes_wire, "seconds": s.seconds, "plans": s.plans,
+                "failures": s.failures,
+                "fallbacks": getattr(self.worker, "fallbacks", 0)}
+
+    def check_integrity(self) -> bool:
+        bm = self.worker.bm if self.role == "prefill" else self.worker.engine.block_manager
+        bm.check_integrity()
+        return True
+
+    def health(self) -> str | None:
+        return self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)

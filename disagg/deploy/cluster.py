@@ -1,0 +1,319 @@
+"""A disaggregated cluster on Ray, seen by the HTTP server as one engine.
+
+`DisaggEngine` has the AsyncEngine interface (start/stop/healthy/stats/generate), so
+router/server.py serves both modes. Bring-up:
+
+    ray.init (local, or --address) -> placement group, one bundle per worker (GPU or CPU)
+    -> actors -> rank 0 picks the store address -> all ranks join torch.distributed
+    -> handshakes checked pairwise -> link bandwidth and codec speed measured
+    -> codec chosen (--kv-codec auto) -> worker loops start -> output pollers start
+
+A request (router side):  Reserve on a decode worker (most free KV; 503 if none has room
+before the deadline) -> PrefillRequest to the least-loaded prefill worker -> its first
+token comes from the prefill worker, the rest from the decode worker; the router
+detokenizes and applies stop strings (and then aborts the decode side).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import ray
+
+from disagg.config import EngineConfig
+from disagg.deploy.actor import WorkerActor
+from disagg.deploy.config_codec import engine_config_to_dict
+from disagg.engine.async_engine import EngineDeadError, EngineStats
+from disagg.engine.detokenizer import IncrementalDetokenizer
+from disagg.messages import (PrefillRequest, Reserve, ReserveReply, TokenOutput, WorkerLoad, decode, decode_many,
+                             encode, params_to_dict)
+from disagg.model.tokenizer import Tokenizer
+from disagg.request import FinishReason, RequestOutput, SamplingParams
+from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
+from kvtransfer.handshake import check_compatible
+from router.policy import decode_preference, pick_prefill
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    engine: EngineConfig
+    num_prefill: int = 1
+    num_decode: int = 1
+    kv_codec: str = "auto"
+    address: str | None = None          # existing Ray cluster; None starts a local one
+    reserve_timeout_s: float = 30.0     # how long a request may wait for decode KV before a 503
+    use_gpus: bool | None = None        # None: when the Ray cluster has GPUs
+
+    def __post_init__(self):
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("--prefill and --decode must each be at least 1")
+        if self.kv_codec not in ("auto", "none", "fp8", "int8", "int4"):
+            raise ValueError("--kv-codec must be one of none, fp8, int8, int4, auto")
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    prompt_len: int
+    detok: IncrementalDetokenizer
+    max_tokens: int
+    q: asyncio.Queue = field(default_factory=asyncio.Queue)
+    decode_rank: int | None = None
+    prefill_rank: int | None = None
+    first_seen: bool = False
+    buffered: list = field(default_factory=list)
+    num_out: int = 0
+    done: bool = False
+
+
+class DisaggEngine:
+    def __init__(self, cfg: ClusterConfig, tokenizer: Tokenizer, log=print):
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.log = log
+        self.error: str | None = None
+        self.codec: str | None = None
+        self.link: dict = {}
+        self.streams: dict[str, _Stream] = {}
+        self.loads: dict[int, WorkerLoad] = {}
+        self.stats = EngineStats(0, 0, 0.0, 0)
+        self.transfer: dict[str, float] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._ids = itertools.count()
+        self._started_ray = False
+
+    # ------------------------------------------------------------------ bring-up
+    def launch(self) -> None:
+        """Blocking: start or join Ray, place and set up the workers. Call before start()."""
+        c = self.cfg
+        if not ray.is_initialized():
+            if c.address:
+                ray.init(address=c.address, log_to_driver=True)
+            else:
+                import os
+                ray.init(num_cpus=max(os.cpu_count() or 1, c.num_prefill + c.num_decode + 1),
+                         include_dashboard=False, log_to_driver=True)
+                self._started_ray = True
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= c.num_prefill + c.num_decode
+        n = c.num_prefill + c.num_decode
+        if use_gpu and gpus < n:
+            raise RuntimeError(f"{n} workers need {n} GPUs; the Ray cluster has {gpus:g}")
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        self.pg = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=120)
+        ecfg = c.engine if use_gpu else _cpu_engine(c.engine)
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        for rank in range(n):
+            role = "prefill" if rank < c.num_prefill else "decode"
+            self.actors[rank] = WorkerActor.options(
+                num_gpus=1 if use_gpu else 0, num_cpus=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                name=None).remote(role, rank)
+        self.prefill_ranks = list(range(c.num_prefill))
+        self.decode_ranks = list(range(c.num_prefill, n))
+        init = ray.get(self.actors[0].address.remote(c.address is None))
+        threads = 0 if use_gpu else 1
+        for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads)
+                             for a in self.actors.values()]):
+            self.log(f"  {line}")
+        self._choose_codec()
+        hs = {r: decode(b) for r, b in zip(self.actors, ray.get([a.handshake.remote(self.codec)
+                                                                  for a in self.actors.values()]))}
+        for p in self.prefill_ranks:
+            for d in self.decode_ranks:
+                check_compatible(hs[p], hs[d])
+        handles = {d: self.actors[d] for d in self.decode_ranks}
+        for line in ray.get([a.start.remote(self.codec, handles if r in self.prefill_ranks else {})
+                             for r, a in self.actors.items()]):
+            self.log(f"  {line}")
+
+    def _choose_codec(self) -> None:
+        c = self.cfg
+        p, d = self.prefill_ranks[0], self.decode_ranks[0]
+        nbytes = 64 * 2**20 if c.use_gpus is not False else 16 * 2**20
+        bw = ray.get([self.actors[p].measure_bandwidth.remote(d, nbytes),
+                      self.actors[d].measure_bandwidth.remote(p, nbytes)])[0]
+        self.link = {"pair": [p, d], "bandwidth_bytes_per_s": bw}
+        if c.kv_codec != "auto":
+            self.codec = c.kv_codec
+            self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; codec {self.codec} (as asked)")
+            return
+        speeds = ray.get(self.actors[p].codec_speed.remote(list(AUTO_CANDIDATES), 2048))
+        self.codec, times = choose_codec(speeds, bw)
+        self.link["handoff_s"] = times
+        self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; per-layer handoff "
+                 + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()) + f" -> codec {self.codec}")
+
+    # ------------------------------------------------------------------ AsyncEngine interface
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and bool(self._tasks)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._poll_outputs(r)) for r in self.actors]
+        self._tasks.append(loop.create_task(self._poll_loads()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for t in self._tasks:
+            t.cancel()
+        try:
+            ray.get([a.stop.remote() for a in self.actors.values()], timeout=timeout)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+        for a in self.actors.values():
+            ray.kill(a)
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(self.pg)
+        if self._started_ray:
+            ray.shutdown()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        if not self.healthy:
+            raise EngineDeadError(self.error or "cluster is not running")
+        st = _Stream(request_id, len(prompt_ids), IncrementalDetokenizer(self.tok, prompt_ids, params.stop),
+                     params.max_tokens)
+        self.streams[request_id] = st
+        try:
+            st.decode_rank = await self._reserve(request_id, len(prompt_ids))
+            st.prefill_rank = pick_prefill([self.loads[r] for r in self.prefill_ranks if r in self.loads]) \
+                if len(self.loads) >= len(self.actors) else self.prefill_ranks[next(self._ids) % len(self.prefill_ranks)]
+            self._bump_prefill_load(st.prefill_rank, len(prompt_ids))
+            await self.actors[st.prefill_rank].submit.remote(encode(PrefillRequest(
+                request_id, list(prompt_ids), params_to_dict(params), st.decode_rank)))
+            while True:
+                out = await st.q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            if not st.done:          # cancelled or failed: free both sides
+                if st.decode_rank is not None:
+                    self.actors[st.decode_rank].abort.remote(request_id)
+                if st.prefill_rank is not None:
+                    self.actors[st.prefill_rank].abort.remote(request_id)
+
+    # ------------------------------------------------------------------ dispatch
+    async def _reserve(self, rid: str, prompt_len: int) -> int:
+        deadline = time.monotonic() + self.cfg.reserve_timeout_s
+        delay = 0.01
+        while True:
+            loads = [self.loads.get(r) or WorkerLoad(r, "decode", 0, 0, 0, 1 << 30, 1 << 30)
+                     for r in self.decode_ranks]
+            for rank in decode_preference(loads, 0):
+                reply = decode(await self.actors[rank].reserve.remote(encode(Reserve(rid, prompt_len))), ReserveReply)
+                old = self.loads.get(rank)
+                if old is not None:
+                    self.loads[rank] = WorkerLoad(rank, "decode", old.num_running, old.num_waiting,
+                                                  old.queued_prompt_tokens, reply.free_blocks, old.total_blocks)
+                if reply.ok:
+                    return rank
+            if time.monotonic() > deadline:
+                from router.openai_api import APIError
+                raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
+                               "server_error", headers={"Retry-After": "2"})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _bump_prefill_load(self, rank: int, tokens: int) -> None:
+        w = self.loads.get(rank)
+        if w is not None:   # until the next report, count what we just sent it
+            self.loads[rank] = WorkerLoad(rank, w.role, w.num_running, w.num_waiting + 1,
+                                          w.queued_prompt_tokens + tokens, w.free_blocks, w.total_blocks)
+
+    # ------------------------------------------------------------------ output path
+    async def _poll_outputs(self, rank: int) -> None:
+        actor = self.actors[rank]
+        try:
+            while True:
+                for m in decode_many(await actor.take_outputs.remote(0.2), TokenOutput):
+                    self._route(rank, m)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a dead worker fails its requests, the cluster reports it
+            self.error = f"worker {rank} failed: {type(e).__name__}: {e}"
+            for st in list(self.streams.values()):
+                if rank in (st.decode_rank, st.prefill_rank) and not st.done:
+                    st.done = True
+                    st.q.put_nowait(EngineDeadError(self.error))
+
+    def _route(self, rank: int, m: TokenOutput) -> None:
+        st = self.streams.get(m.request_id)
+        if st is None or st.done:
+            return
+        if m.error or m.finish_reason == "error":
+            st.done = True
+            st.q.put_nowait(RuntimeError(m.error or "request failed"))
+            if st.decode_rank is not None:
+                self.actors[st.decode_rank].abort.remote(m.request_id)
+            return
+        from_prefill = rank in self.prefill_ranks
+        if not from_prefill and not st.first_seen:
+            st.buffered.append(m)      # the decode side overtook the prefill's first token
+            return
+        self._emit(st, m)
+        if from_prefill:
+            st.first_seen = True
+            for b in st.buffered:
+                self._emit(st, b)
+            st.buffered.clear()
+
+    def _emit(self, st: _Stream, m: TokenOutput) -> None:
+        if st.done:
+            return
+        reason = FinishReason(m.finish_reason) if m.finish_reason else None
+        for t in m.new_token_ids:
+            st.detok.add(t)
+        st.num_out += len(m.new_token_ids)
+        if st.detok.stopped and reason is None:
+            reason = FinishReason.STOP
+            self.actors[st.decode_rank].abort.remote(st.request_id)
+        if reason is not None:
+            st.detok.flush()
+            st.done = True
+        out = RequestOutput(st.request_id, list(m.new_token_ids), reason, st.prompt_len, st.num_out,
+                            [tuple(x) for x in m.new_logprobs], new_text=st.detok.delta(final=reason is not None))
+        st.q.put_nowait(out)
+
+    async def _poll_loads(self) -> None:
+        while True:
+            try:
+                refs = {r: a.load.remote() for r, a in self.actors.items()}
+                for r, ref in refs.items():
+                    self.loads[r] = decode(await ref, WorkerLoad)
+                dec = [self.loads[r] for r in self.decode_ranks]
+                total = sum(w.total_blocks for w in dec)
+                self.stats = EngineStats(sum(w.num_running for w in dec), sum(w.num_waiting for w in dec) + sum(
+                    self.loads[r].num_waiting for r in self.prefill_ranks),
+                    1 - sum(w.free_blocks for w in dec) / max(total, 1), total)
+                stats = await asyncio.gather(*[self.actors[r].transfer_stats.remote() for r in self.actors])
+                self.transfer = {
+                    "bytes_raw": sum(s["bytes_raw"] for s, r in zip(stats, self.actors) if r in self.prefill_ranks),
+                    "bytes_wire": sum(s["bytes_wire"] for s, r in zip(stats, self.actors) if r in self.prefill_ranks),
+                    "seconds": sum(s["seconds"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
+                    "plans": sum(s["plans"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
+                    "failures": sum(s["failures"] for s in stats)}
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.error = f"cannot reach a worker: {type(e).__name__}: {e}"
+            await asyncio.sleep(0.25)
+
+    # ------------------------------------------------------------------ tests and tools
+    def check_integrity(self) -> None:
+        ray.get([a.check_integrity.remote() for a in self.actors.values()])
+
+
+def _cpu_engine(cfg: EngineConfig) -> EngineConfig:
+    from dataclasses import replace
+    return replace(cfg, device="cpu", use_triton=False, use_cuda_graphs=False)

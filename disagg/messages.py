@@ -1,0 +1,154 @@
+"""Control messages between router, prefill and decode workers: small, typed, msgpack.
+
+Every message is a frozen dataclass; `encode` writes `[type tag, field dict]` and
+`decode` checks the tag against the registry and the fields against the dataclass, so
+a peer can only ever build one of these types from bytes (nothing is unpickled). KV
+tensors never travel here: they go through kvtransfer.
+
+Flow of one request in disaggregated mode:
+
+    router ──Reserve──▶ decode d        (d allocates blocks for prompt + 1, or refuses)
+    router ──PrefillRequest(dest=d)──▶ prefill p
+    prefill p ──TransferPlan──▶ decode d   (before the batch's forward: which requests, how many tokens)
+    prefill p ═══ KV, one message per layer per destination (torch.distributed) ═══▶ decode d
+    prefill p ──PlanDone(first tokens)──▶ decode d ; ──TokenOutput(first token)──▶ router
+    decode d ──TokenOutput(tokens...)──▶ router ... until finished
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from disagg.request import SamplingParams
+
+
+def params_to_dict(p: SamplingParams) -> dict[str, Any]:
+    d = dataclasses.asdict(p)
+    d["stop"] = list(p.stop)
+    d["stop_token_ids"] = list(p.stop_token_ids)
+    return d
+
+
+def params_from_dict(d: dict[str, Any]) -> SamplingParams:
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    kw = {k: v for k, v in d.items() if k in names}
+    kw["stop"] = tuple(kw.get("stop", ()))
+    kw["stop_token_ids"] = tuple(kw.get("stop_token_ids", ()))
+    return SamplingParams(**kw)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    model: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    codec: str
+    protocol: int = 1
+
+
+@dataclass(frozen=True)
+class Reserve:
+    request_id: str
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ReserveReply:
+    request_id: str
+    ok: bool
+    free_blocks: int
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    dest_rank: int                 # decode worker's rank in the KV group
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    src_rank: int
+    plan_id: int                   # per (src, dst) pair, consecutive: the order of the KV messages
+    request_ids: list[str]
+    num_tokens: list[int]          # prompt tokens of each request, in payload order
+    codec: str
+
+
+@dataclass(frozen=True)
+class PlanDone:
+    src_rank: int
+    plan_id: int
+    first_tokens: list[int]        # one per request of the plan, in the same order
+    params: list[dict[str, Any]] = field(default_factory=list)
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    request_id: str
+    new_token_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None
+    new_logprobs: list = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    rank: int
+    role: str                      # "prefill" | "decode"
+    num_running: int
+    num_waiting: int
+    queued_prompt_tokens: int
+    free_blocks: int
+    total_blocks: int
+
+
+_TYPES = {c.__name__: c for c in (Handshake, Reserve, ReserveReply, PrefillRequest, TransferPlan, PlanDone,
+                                  TokenOutput, WorkerLoad)}
+
+
+def encode(msg) -> bytes:
+    name = type(msg).__name__
+    if name not in _TYPES:
+        raise TypeError(f"{name} is not a control message")
+    return msgpack.packb([name, {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}],
+                         use_bin_type=True)
+
+
+def decode(data: bytes, expect: type | None = None):
+    try:
+        name, fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - any malformed input is one error
+        raise ValueError(f"malformed control message: {e}") from None
+    cls = _TYPES.get(name) if isinstance(name, str) else None
+    if cls is None or not isinstance(fields, dict):
+        raise ValueError(f"unknown control message type {name!r}")
+    if expect is not None and cls is not expect:
+        raise ValueError(f"expected {expect.__name__}, got {name}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not required <= fields.keys() or not fields.keys() <= names:
+        raise ValueError(f"{name}: fields {sorted(fields)} do not match {sorted(names)}")
+    return cls(**fields)
+
+
+def encode_many(msgs: list) -> bytes:
+    return msgpack.packb([encode(m) for m in msgs], use_bin_type=True)
+
+
+def decode_many(data: bytes, expect: type | None = None) -> list:
+    items = msgpack.unpackb(data, raw=False)
+    if not isinstance(items, list):
+        raise ValueError("malformed message batch")
+    return [decode(b, expect) for b in items]

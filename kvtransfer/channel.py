@@ -1,0 +1,186 @@
+"""The KV channel: torch.distributed point-to-point between prefill and decode ranks.
+
+NCCL between GPUs, gloo on CPU. Ranks: prefill workers 0..P-1, decode workers
+P..P+D-1. Every (prefill, decode) pair gets its own two-rank subgroup, so a slow
+transfer on one pair never queues another pair's messages behind it (NCCL runs a
+communicator's operations in issue order on one stream):
+
+    world  = {p0, p1, d0, d1}
+    groups = {(p0,d0), (p0,d1), (p1,d0), (p1,d1)}     created in this order on every rank
+
+Within a pair, messages are matched in issue order; the sender and the receiver both
+follow the plan order (TransferPlan.plan_id), so no tags are needed for NCCL. gloo
+gets the layer index as its tag as a second guard.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    rank: int
+    num_prefill: int
+    num_decode: int
+    init_method: str             # tcp://HOST:PORT of the store (hosted by rank 0)
+    backend: str | None = None   # None: nccl when the device is CUDA, else gloo
+    timeout_s: float = 600.0
+
+    @property
+    def world_size(self) -> int:
+        return self.num_prefill + self.num_decode
+
+    @property
+    def prefill_ranks(self) -> list[int]:
+        return list(range(self.num_prefill))
+
+    @property
+    def decode_ranks(self) -> list[int]:
+        return list(range(self.num_prefill, self.world_size))
+
+
+class _WaitedWork:
+    """A gloo Work whose completion a waiter thread observes.
+
+    gloo's point-to-point Work only reports completion once wait() has run, so polling
+    is_completed() would never see a landed message. One waiter thread per peer calls
+    wait() in issue order (a pair's messages complete in order) and sets a flag.
+    """
+
+    def __init__(self, work):
+        self.work = work
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def is_completed(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return self.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self.done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return ok
+
+
+class _Waiter(threading.Thread):
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self.q: queue.Queue = queue.Queue()
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            w = self.q.get()
+            if w is None:
+                return
+            try:
+                w.work.wait()
+            except BaseException as e:  # noqa: BLE001 - surfaced to the poller
+                w.error = e
+            w.done.set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class KVChannel:
+    def __init__(self, cfg: ChannelConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+        if self.backend == "nccl":
+            # Shared hosts: NVLink multicast must stay off (see the device notes); harmless elsewhere.
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        from datetime import timedelta
+        kw = {"device_id": device} if self.backend == "nccl" else {}
+        dist.init_process_group(self.backend, init_method=cfg.init_method, rank=cfg.rank,
+                                world_size=cfg.world_size, timeout=timedelta(seconds=cfg.timeout_s), **kw)
+        self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
+        for p in cfg.prefill_ranks:
+            for d in cfg.decode_ranks:
+                g = dist.new_group([p, d])
+                if cfg.rank in (p, d):
+                    self.groups[(p, d)] = g
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._waiters: dict[tuple[str, int], _Waiter] = {}
+
+    def _track(self, work, kind: str, peer: int):
+        if self.backend != "gloo":
+            return work            # NCCL: is_completed() queries the CUDA event; wait() orders streams
+        key = (kind, peer)
+        if key not in self._waiters:
+            self._waiters[key] = _Waiter(f"kv-{kind}-{peer}")
+        w = _WaitedWork(work)
+        self._waiters[key].q.put(w)
+        return w
+
+    @property
+    def rank(self) -> int:
+        return self.cfg.rank
+
+    def _group(self, peer: int):
+        key = (self.rank, peer) if self.rank < peer else (peer, self.rank)
+        try:
+            return self.groups[key]
+        except KeyError:
+            raise ValueError(f"rank {self.rank} has no KV channel to rank {peer}") from None
+
+    def isend(self, t: torch.Tensor, peer: int, tag: int = 0):
+        self.bytes_sent += t.numel() * t.element_size()
+        work = dist.isend(t, peer, group=self._group(peer), tag=tag if self.backend == "gloo" else 0)
+        return self._track(work, "send", peer)
+
+    def irecv(self, t: torch.Tensor, peer: int, tag: int = 0):
+        self.bytes_received += t.numel() * t.element_size()
+        work = dist.irecv(t, peer, group=self._group(peer), tag=tag if self.backend == "gloo" else 0)
+        return self._track(work, "recv", peer)
+
+    def measure_bandwidth(self, peer: int, nbytes: int = 64 * 2**20, iters: int = 5) -> float:
+        """One-way bandwidth to/from `peer` in bytes/s; both ends call it at the same time.
+
+        The lower rank sends, the higher receives, then the receiver acks, so both sides
+        time the same transfers. Returns the median over `iters` transfers.
+        """
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        ack = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        sender = self.rank < peer
+        times = []
+        for i in range(iters + 1):          # first round warms up the connection
+            self._sync()
+            t0 = time.perf_counter()
+            if sender:
+                self.isend(buf, peer, tag=1000 + i).wait()
+                self.irecv(ack, peer, tag=2000 + i).wait()
+            else:
+                self.irecv(buf, peer, tag=1000 + i).wait()
+                self.isend(ack, peer, tag=2000 + i).wait()
+            self._sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        self.bytes_sent = self.bytes_received = 0
+        times.sort()
+        return nbytes / times[len(times) // 2]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        for w in self._waiters.values():
+            w.q.put(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,159 @@
+"""Layer-wise KV streaming: the sender hooks the prefill forward, the receiver fills the decode cache.
+
+One TransferPlan covers the requests of one prefill batch bound for one decode rank.
+Its wire format is one message per layer, in layer order:
+
+    layer l message = codec.encode(kv_l),   kv_l: [2, T, Hkv, D],  T = sum of the plan's prompt lengths
+                      (K then V; requests concatenated in plan order, tokens in position order)
+
+Sender (prefill): right after layer l has written its KV into the prefill's paged cache,
+gather the plan's slots into kv_l, encode, isend. NCCL runs the send on its own stream,
+so layer l's transfer overlaps layers l+1.. of the forward.
+
+Receiver (decode): when the plan arrives, post all L irecvs into payload buffers (the
+size is a pure function of T); each poll() decodes the layers that have landed and
+scatters them into the request's blocks with the same write_kv kernel the model uses.
+A plan is complete when all L layers landed; its checksums are read once, then.
+
+    decode cache slots of a plan:  slot_mapping[t] = block_table[pos // bs] * bs + pos % bs
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from disagg.kernels import KernelSet
+from kvtransfer.channel import KVChannel
+
+
+def slot_mapping(block_tables: list[list[int]], num_tokens: list[int], block_size: int,
+                 device: torch.device) -> torch.Tensor:
+    slots = []
+    for table, n in zip(block_tables, num_tokens):
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(n))
+    return torch.tensor(slots, dtype=torch.long).to(device)
+
+
+@dataclass
+class TransferStats:
+    bytes_raw: int = 0            # uncompressed KV bytes
+    bytes_wire: int = 0           # payload bytes actually sent / received
+    seconds: float = 0.0          # plan posted -> plan complete (receiver)
+    plans: int = 0
+    failures: int = 0
+
+
+@dataclass
+class _SendPlan:
+    dest: int
+    slots: torch.Tensor           # [T] slots in the prefill cache
+
+
+class KVSender:
+    def __init__(self, channel: KVChannel, codec, num_kv_heads: int, head_dim: int):
+        self.ch = channel
+        self.codec = codec
+        self.h, self.d = num_kv_heads, head_dim
+        self.plans: list[_SendPlan] = []
+        self.inflight: list[tuple] = []        # (work, payload): payloads live until sent
+        self.stats = TransferStats()
+
+    def begin(self, plans: list[_SendPlan]) -> None:
+        self.plans = plans
+
+    def on_layer(self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        if not self.plans:
+            return
+        kf = k_cache.view(-1, self.h, self.d)
+        vf = v_cache.view(-1, self.h, self.d)
+        for p in self.plans:
+            kv = torch.stack((kf[p.slots], vf[p.slots]))            # [2, T, Hkv, D]
+            payload = self.codec.encode(kv)
+            self.stats.bytes_raw += kv.numel() * kv.element_size()
+            self.stats.bytes_wire += payload.numel()
+            self.inflight.append((self.ch.isend(payload, p.dest, tag=layer), payload))
+
+    def end(self) -> None:
+        self.plans = []
+        self.reap()
+
+    def reap(self, block: bool = False) -> None:
+        """Drop payloads whose sends completed (all of them when block)."""
+        keep = []
+        for work, payload in self.inflight:
+            if block:
+                work.wait()
+            elif not work.is_completed():
+                keep.append((work, payload))
+        self.inflight = keep
+
+
+@dataclass
+class PendingPlan:
+    src: int
+    plan_id: int
+    request_ids: list[str]
+    num_tokens: list[int]
+    slots: torch.Tensor
+    buffers: list[torch.Tensor]
+    works: list
+    started: float = field(default_factory=time.monotonic)
+    next_layer: int = 0
+    oks: list[torch.Tensor] = field(default_factory=list)
+
+
+class KVReceiver:
+    def __init__(self, channel: KVChannel, codec, kernels: KernelSet,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.ch = channel
+        self.codec = codec
+        self.k = kernels
+        self.kv_caches = kv_caches
+        self.h, self.d = num_kv_heads, head_dim
+        self.dtype = dtype
+        self.device = device
+        self.pending: list[PendingPlan] = []
+        self.stats = TransferStats()
+
+    def post(self, src: int, plan_id: int, request_ids: list[str], num_tokens: list[int],
+             slots: torch.Tensor) -> None:
+        T = sum(num_tokens)
+        shape = (2, T, self.h, self.d)
+        n = self.codec.payload_nbytes(shape, self.dtype)
+        bufs, works = [], []
+        for layer in range(len(self.kv_caches)):
+            b = torch.empty(n, dtype=torch.uint8, device=self.device)
+            works.append(self.ch.irecv(b, src, tag=layer))
+            bufs.append(b)
+        self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works))
+
+    def poll(self) -> list[tuple[PendingPlan, bool]]:
+        """Decode the layers that landed; return (plan, checksums_ok) for plans now complete."""
+        done = []
+        for p in self.pending:
+            T = sum(p.num_tokens)
+            while p.next_layer < len(p.works) and p.works[p.next_layer].is_completed():
+                layer = p.next_layer
+                p.works[layer].wait()     # orders the compute stream after the receive (no host wait)
+                kv, ok = self.codec.decode(p.buffers[layer], (2, T, self.h, self.d), self.dtype)
+                kc, vc = self.kv_caches[layer]
+                self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
+                p.oks.append(ok)
+                self.stats.bytes_wire += p.buffers[layer].numel()
+                self.stats.bytes_raw += kv.numel() * kv.element_size()
+                p.buffers[layer] = None   # free the payload as soon as it is in the cache
+                p.next_layer += 1
+            if p.next_layer == len(p.works):
+                ok = bool(torch.stack(p.oks).all()) if p.oks else True   # the one host read per plan
+                self.stats.plans += 1
+                self.stats.seconds += time.monotonic() - p.started
+                if not ok:
+                    self.stats.failures += 1
+                done.append((p, ok))
+        if done:
+            ids = {id(p) for p, _ in done}
+            self.pending = [p for p in self.pending if id(p) not in ids]
+        return done

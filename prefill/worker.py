@@ -1,0 +1,152 @@
+"""Prefill worker: computes prompts, samples the first token, streams the KV to decode workers.
+
+Lifecycle of a request here (deadline: the router's prefill timeout):
+
+    QUEUED (inbox) ─▶ WAITING ─▶ RUNNING (one or more prefill chunks)
+        ─▶ final chunk: TransferPlan sent to the decode rank, KV streamed layer by layer
+           during that step's forward, first token sampled
+        ─▶ DONE: PlanDone to the decode rank, TokenOutput(first token) to the router,
+           blocks freed (the send buffers hold their own copy of the KV)
+
+A prompt longer than the step budget is prefilled in chunks over several steps; only
+its final chunk's step streams KV, and then the whole prompt's KV for each layer.
+The worker runs on one thread (`run_step` in a loop); `submit` and `take_outputs` are
+safe to call from others.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import replace
+from typing import Callable
+
+from decode.block_manager import BlockManager
+from decode.scheduler import Scheduler
+from disagg.config import EngineConfig, ModelConfig
+from disagg.engine.model_runner import ModelRunner
+from disagg.messages import PlanDone, PrefillRequest, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
+from disagg.request import Request
+from kvtransfer.transfer import KVSender, _SendPlan, slot_mapping
+
+
+class PrefillWorker:
+    def __init__(self, cfg: EngineConfig, rank: int, channel, codec,
+                 send_control: Callable[[int, object], None]):
+        """send_control(dest_rank, message) delivers a TransferPlan / PlanDone to a decode rank,
+        in call order per destination (the deploy layer provides it)."""
+        self.cfg = cfg
+        self.rank = rank
+        self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
+        self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings
+        self.runner = ModelRunner(replace(cfg, use_cuda_graphs=False), self.model_cfg, self.max_model_len)
+        self.bm = BlockManager(self.runner.num_blocks, cfg.cache.block_size)
+        self.scheduler = Scheduler(cfg.scheduler, self.bm, self.max_model_len)
+        self.sender = KVSender(channel, codec, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
+        self.codec = codec
+        self.send_control = send_control
+        self.dest: dict[str, int] = {}
+        self.orig_params: dict[str, dict] = {}
+        self.next_plan_id: dict[int, int] = defaultdict(int)
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: list[TokenOutput] = []
+        self._out_lock = threading.Condition()
+
+    # ------------------------------------------------------------------ cross-thread API
+    def submit(self, msg: PrefillRequest) -> None:
+        self.inbox.put(("add", msg))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def take_outputs(self, timeout: float = 0.5) -> list[TokenOutput]:
+        with self._out_lock:
+            if not self.outbox:
+                self._out_lock.wait(timeout)
+            out, self.outbox = self.outbox, []
+        return out
+
+    def _emit(self, items: list[TokenOutput]) -> None:
+        if items:
+            with self._out_lock:
+                self.outbox.extend(items)
+                self._out_lock.notify_all()
+
+    def load(self) -> WorkerLoad:
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.waiting))
+        queued += sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.running))
+        return WorkerLoad(self.rank, "prefill", self.scheduler.num_running, self.scheduler.num_waiting + self.inbox.qsize(),
+                          queued, self.bm.num_free_blocks, self.bm.num_blocks)
+
+    # ------------------------------------------------------------------ engine thread
+    def _drain_inbox(self, block: bool) -> None:
+        errors = []
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+            while True:
+                kind, payload = item
+                if kind == "add":
+                    m: PrefillRequest = payload
+                    params = params_from_dict(m.params)
+                    req = Request(m.request_id, list(m.prompt_token_ids), replace(params, max_tokens=1))
+                    try:
+                        self.scheduler.add(req)
+                        self.dest[m.request_id] = m.dest_rank
+                        self.orig_params[m.request_id] = m.params
+                    except ValueError as e:
+                        errors.append(TokenOutput(m.request_id, [], len(m.prompt_token_ids), 0, "error", error=str(e)))
+                elif kind == "abort":
+                    if self.scheduler.abort(payload) is not None:
+                        self.dest.pop(payload, None)
+                        self.orig_params.pop(payload, None)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self._emit(errors)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or not self.inbox.empty()
+
+    def run_step(self) -> None:
+        self._drain_inbox(block=not self.scheduler.has_unfinished())
+        self.sender.reap()
+        sched = self.scheduler.schedule()
+        if not sched:
+            return
+        # Requests whose prompt completes in this step, grouped by destination, in batch order.
+        finishing: dict[int, list] = defaultdict(list)
+        for s in sched.scheduled:
+            if s.samples:
+                finishing[self.dest[s.request.request_id]].append(s)
+        plans, sends = {}, []
+        for dest, items in finishing.items():
+            pid = self.next_plan_id[dest]
+            self.next_plan_id[dest] += 1
+            rids = [s.request.request_id for s in items]
+            ntok = [s.request.num_prompt_tokens for s in items]
+            plans[dest] = (pid, rids, items)
+            self.send_control(dest, TransferPlan(self.rank, pid, rids, ntok, self.codec.name))
+            slots = slot_mapping([s.block_table for s in items], ntok, self.bm.block_size, self.runner.device)
+            sends.append(_SendPlan(dest, slots))
+        self.sender.begin(sends)
+        try:
+            result = self.runner.execute(sched, layer_hook=self.sender.on_layer)
+        finally:
+            self.sender.end()
+        finished = self.scheduler.update(sched, result.sampled)
+        outs = []
+        for dest, (pid, rids, items) in plans.items():
+            first = [result.sampled[r] for r in rids]
+            self.send_control(dest, PlanDone(self.rank, pid, first, [self.orig_params[r] for r in rids],
+                                             [s.request.prompt_token_ids for s in items]))
+            for s, tok in zip(items, first):
+                lp = result.logprobs.get(s.request.request_id)
+                outs.append(TokenOutput(s.request.request_id, [tok], s.request.num_prompt_tokens, 1, None,
+                                        [list(lp)] if lp is not None else []))
+        for req in finished:
+            self.dest.pop(req.request_id, None)
+            self.orig_params.pop(req.request_id, None)
+        self._emit(outs)
+
+    def shutdown(self) -> None:
+        self.sender.reap(block=True)
