@@ -20,6 +20,7 @@ class KernelSet:
     rotary_embedding: Callable
     write_kv: Callable
     paged_attention_decode: Callable
+    silu_and_mul: Callable
 
 
 REFERENCE = KernelSet(
@@ -29,6 +30,7 @@ REFERENCE = KernelSet(
     rotary_embedding=reference.rotary_embedding,
     write_kv=reference.write_kv,
     paged_attention_decode=reference.paged_attention_decode,
+    silu_and_mul=reference.silu_and_mul,
 )
 
 

@@ -83,3 +83,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)             # all-masked rows -> 0
     out = torch.einsum("bhgl,blhd->bhgd", p, v)
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I] in gate_up.dtype (as HF computes it)."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u

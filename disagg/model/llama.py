@@ -140,9 +140,7 @@ class LlamaModel:
             if layer_hook is not None:
                 layer_hook(i, kc, vc)
             x, residual = k.fused_add_rms_norm(x, residual, lw.post_norm, eps)
-            gu = F.linear(x, lw.gate_up)
-            g, u = gu.chunk(2, dim=-1)
-            h = F.linear(F.silu(g) * u, lw.down)
+            h = F.linear(k.silu_and_mul(F.linear(x, lw.gate_up)), lw.down)
         h, _ = k.fused_add_rms_norm(h, residual, self.norm, eps)
         return h
 
@@ -191,6 +189,9 @@ class LlamaModel:
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                attn_mask=causal_lower_right(L, ps.ctx_len), scale=self.scale)
         else:
+            g = q.shape[1] // k.shape[1]
+            if g > 1 and q.is_cuda:   # expanded heads keep SDPA on the flash backend (GQA+flash falls back)
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               is_causal=True, scale=self.scale, enable_gqa=True)
+                                               is_causal=True, scale=self.scale, enable_gqa=g > 1 and not q.is_cuda)
         return o.transpose(0, 1)

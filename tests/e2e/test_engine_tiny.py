@@ -50,13 +50,15 @@ def test_half_precision_logits_close_to_hf(tiny_ckpts, dtype):
     assert eng.runner.dtype == dtype
     p = _prompts(3, (23,))[0]
     ref = hf(torch.tensor([p])).logits[0, -1].float()
-    from decode.scheduler import SchedulerOutput, ScheduledRequest  # noqa: F401
     from disagg.model.llama import AttnMetadata, PrefillSeq
     n = len(p)
-    slots = torch.arange(n)   # blocks 0.. in order
-    meta = AttnMetadata(slot_mapping=slots, prefills=[PrefillSeq(0, n, n, torch.arange(-(-n // 4)))])
-    h = eng.runner.model.forward(torch.tensor(p), torch.arange(n), meta, eng.runner.kv_caches)
-    ours = eng.runner.model.compute_logits(h[-1:])[0]
+    dev = eng.runner.device
+    slots = torch.arange(n, device=dev)   # blocks 0.. in order
+    meta = AttnMetadata(slot_mapping=slots,
+                        prefills=[PrefillSeq(0, n, n, torch.arange(-(-n // 4), device=dev))])
+    h = eng.runner.model.forward(torch.tensor(p, device=dev), torch.arange(n, device=dev), meta,
+                                 eng.runner.kv_caches)
+    ours = eng.runner.model.compute_logits(h[-1:])[0].cpu()
     rel = (ours - ref).norm() / ref.norm()
     assert rel < 2e-2, rel
 
@@ -167,7 +169,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_ckpts):
 def test_max_model_len_caps_generation(tiny_ckpts):
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.llm_engine import LLMEngine
-    eng = LLMEngine(EngineConfig(tiny_ckpts("llama_gqa"), cache=CacheConfig(block_size=4, num_blocks=64),
+    eng = LLMEngine(EngineConfig(tiny_ckpts("llama_gqa"), dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64),
                                  scheduler=SchedulerConfig(max_model_len=32)))
     r = eng.generate(_prompts(13, (20,)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert r.num_tokens == 32 and r.finish_reason == FinishReason.LENGTH

@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+openai = pytest.importorskip("openai")
+
 from conftest import make_engine
 
 MODEL = "tiny"

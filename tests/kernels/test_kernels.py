@@ -304,3 +304,17 @@ def test_wrappers_reject_bad_inputs():
         t.rms_norm(torch.randn(3, 8, device=DEVICE), torch.randn(9, device=DEVICE), 1e-6)
     with pytest.raises(ValueError, match="slot_mapping"):
         t.write_kv(q[:, :2], q[:, :2], k_cache, v_cache, torch.zeros(2, device=DEVICE))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,I", [(1, 64), (7, 1000), (33, 14336), (257, 1536)])
+def test_silu_and_mul_matches_reference(dtype, T, I):
+    from disagg.kernels.activation import silu_and_mul
+    x = torch.randn(T, 2 * I, device="cuda", dtype=dtype) * 3
+    out = torch.full((T, I), float("nan"), device="cuda", dtype=dtype)
+    silu_and_mul(x, out=out)
+    ref = reference.silu_and_mul(x)
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
