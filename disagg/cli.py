@@ -111,17 +111,66 @@ async def start_server(args, eng, name, host: str, port: int):
     return aeng, runner
 
 
+def launch_cluster(args):
+    """Disaggregated mode: start (or join) Ray and bring up the prefill and decode workers."""
+    from disagg.config import ModelConfig
+    from disagg.deploy.cluster import ClusterConfig, DisaggEngine
+    from disagg.model.tokenizer import Tokenizer
+    model_dir, name = resolve_model(args.model)
+    try:
+        ecfg = engine_config(args, model_dir)
+        ccfg = ClusterConfig(ecfg, num_prefill=args.prefill, num_decode=args.decode, kv_codec=args.kv_codec,
+                             address=args.address)
+        mc = ModelConfig.from_dir(model_dir)
+        tok = Tokenizer(model_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    max_len = ecfg.scheduler.max_model_len or mc.max_position_embeddings
+    t0 = time.perf_counter()
+    print(f"Starting {args.prefill} prefill + {args.decode} decode workers for {name} "
+          f"({'Ray at ' + args.address if args.address else 'local Ray'})", file=sys.stderr, flush=True)
+    eng = DisaggEngine(ccfg, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        eng.launch()
+    except Exception as e:  # noqa: BLE001 - bring-up errors end the command with their message
+        raise SystemExit(f"error: cluster bring-up failed: {type(e).__name__}: {e}") from None
+    print(f"Cluster up in {time.perf_counter() - t0:.1f}s, KV codec {eng.codec}", file=sys.stderr, flush=True)
+    return eng, tok, name, max_len
+
+
+async def start_cluster_server(args, eng, tok, name, max_len, host, port):
+    from aiohttp import web
+
+    from router.server import Server
+    eng.start()
+    server = Server(eng, tok, args.served_model_name or name, max_len, api_key=args.api_key)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return eng, runner
+
+
 def cmd_serve(args) -> int:
-    if args.prefill or args.decode:
-        raise SystemExit("error: disaggregated mode (--prefill/--decode) is not built yet; use --colocated")
-    eng, name = build_engine(args)
-    api_key = args.api_key or os.environ.get("DISAGG_API_KEY")
-    args.api_key = api_key
+    disaggregated = bool(args.prefill or args.decode)
+    if disaggregated and args.colocated:
+        raise SystemExit("error: --colocated and --prefill/--decode exclude each other")
+    if disaggregated and (args.prefill < 1 or args.decode < 1):
+        raise SystemExit("error: disaggregated mode needs --prefill N and --decode M, each at least 1")
+    args.api_key = args.api_key or os.environ.get("DISAGG_API_KEY")
+    if disaggregated:
+        eng, tok, name, max_len = launch_cluster(args)
+    else:
+        eng, name = build_engine(args)
 
     async def main():
         import signal
-        aeng, runner = await start_server(args, eng, name, args.host, args.port)
-        print(f"Serving {args.served_model_name or name} (colocated) on http://{args.host}:{args.port}/v1 "
+        if disaggregated:
+            aeng, runner = await start_cluster_server(args, eng, tok, name, max_len, args.host, args.port)
+            mode = f"disaggregated, {args.prefill}P+{args.decode}D, KV codec {eng.codec}"
+        else:
+            aeng, runner = await start_server(args, eng, name, args.host, args.port)
+            mode = "colocated"
+        print(f"Serving {args.served_model_name or name} ({mode}) on http://{args.host}:{args.port}/v1 "
               f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -200,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP endpoint")
     add_engine_args(s)
     s.add_argument("--colocated", action="store_true",
-                   help="one engine does prefill and decode (the baseline; today the only mode)")
-    s.add_argument("--prefill", type=int, default=0, help=argparse.SUPPRESS)
-    s.add_argument("--decode", type=int, default=0, help=argparse.SUPPRESS)
+                   help="one engine does prefill and decode (the default without --prefill/--decode)")
+    s.add_argument("--prefill", type=int, default=0, help="prefill workers (one GPU each): disaggregated mode")
+    s.add_argument("--decode", type=int, default=0, help="decode workers (one GPU each): disaggregated mode")
+    s.add_argument("--kv-codec", default="auto", choices=["auto", "none", "fp8", "int8", "int4"],
+                   help="KV compression between prefill and decode (auto: fastest handoff on the measured "
+                        "link among the lossless and 8-bit codecs)")
+    s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None)

@@ -1,7 +1,10 @@
 """Prometheus metrics named like vLLM's, under a `disagg:` prefix, in a registry per server."""
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LAT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
         80.0)
@@ -33,8 +36,32 @@ class Metrics:
         self.errors = Counter("disagg:request_errors", "Requests answered with an error, by HTTP status.",
                               L + ["status"], registry=r)
 
+    def add_transfer_source(self, read: Callable[[], dict]) -> None:
+        """KV-transfer totals reported by the workers (disaggregated mode), exported as counters."""
+        self.registry.register(_TransferCollector(self.model_name, read))
+
     def finished(self, reason: str) -> None:
         self.request_success.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TransferCollector:
+    def __init__(self, model_name: str, read: Callable[[], dict]):
+        self.model_name, self.read = model_name, read
+
+    def collect(self):
+        t = self.read() or {}
+        b = CounterMetricFamily("disagg:kv_transfer_bytes", "KV bytes moved between prefill and decode workers: "
+                                "raw = uncompressed equivalent, wire = after the codec.", labels=["model_name", "stage"])
+        b.add_metric([self.model_name, "raw"], t.get("bytes_raw", 0))
+        b.add_metric([self.model_name, "wire"], t.get("bytes_wire", 0))
+        yield b
+        for key, name, doc in (("seconds", "kv_transfer_seconds", "Time from a transfer plan posted to its KV landed."),
+                               ("plans", "kv_transfer_plans", "Completed KV transfer plans (one per batch and pair)."),
+                               ("failures", "kv_transfer_failures",
+                                "Transfers whose checksum failed (the prompt was recomputed on the decode side).")):
+            c = CounterMetricFamily(f"disagg:{name}", doc, labels=["model_name"])
+            c.add_metric([self.model_name], t.get(key, 0))
+            yield c

@@ -37,6 +37,8 @@ class Server:
         self.max_model_len = max_model_len
         self.api_key = api_key
         self.metrics = Metrics(model_name)
+        if hasattr(engine, "transfer"):      # disaggregated: workers report KV-transfer totals
+            self.metrics.add_transfer_source(lambda: engine.transfer)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ app
