@@ -94,27 +94,29 @@ class DisaggEngine:
                 ray.init(address=c.address, log_to_driver=True)
             else:
                 import os
-                ray.init(num_cpus=max(os.cpu_count() or 1, c.num_prefill + c.num_decode + 1),
-                         include_dashboard=False, log_to_driver=True)
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= c.num_prefill + c.num_decode
         n = c.num_prefill + c.num_decode
         if use_gpu and gpus < n:
             raise RuntimeError(f"{n} workers need {n} GPUs; the Ray cluster has {gpus:g}")
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        self.pg = placement_group([bundle] * n, strategy="PACK")
-        ray.get(self.pg.ready(), timeout=120)
         ecfg = c.engine if use_gpu else _cpu_engine(c.engine)
         self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.pg = None
+        if use_gpu:   # one GPU per worker, packed onto as few nodes as possible
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            self.pg = placement_group([{"GPU": 1, "CPU": 1}] * n, strategy="PACK")
+            ray.get(self.pg.ready(), timeout=120)
         for rank in range(n):
             role = "prefill" if rank < c.num_prefill else "decode"
-            self.actors[rank] = WorkerActor.options(
-                num_gpus=1 if use_gpu else 0, num_cpus=1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                name=None).remote(role, rank)
+            if use_gpu:
+                opts = dict(num_gpus=1, num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=rank))
+            else:         # CPU workers: nothing to pin; they share the host's cores
+                opts = dict(num_gpus=0, num_cpus=0)
+            self.actors[rank] = WorkerActor.options(**opts).remote(role, rank)
         self.prefill_ranks = list(range(c.num_prefill))
         self.decode_ranks = list(range(c.num_prefill, n))
         init = ray.get(self.actors[0].address.remote(c.address is None))
@@ -169,8 +171,9 @@ class DisaggEngine:
             pass
         for a in self.actors.values():
             ray.kill(a)
-        from ray.util.placement_group import remove_placement_group
-        remove_placement_group(self.pg)
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
         if self._started_ray:
             ray.shutdown()
 
