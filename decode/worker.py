@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import defaultdict
 
 from disagg.config import EngineConfig
@@ -162,6 +163,8 @@ class DecodeWorker:
             self._post_ready_plans()
             self._admit_landed()
             outs = self.engine.step() if self.engine.has_unfinished() else []
+        if not outs and self.receiver.pending:
+            time.sleep(0.0002)   # only waiting on transfers: let the channel's waiter threads run
         self._emit([TokenOutput(o.request_id, o.new_token_ids, o.num_prompt_tokens, o.num_output_tokens,
                                 o.finish_reason.value if o.finish_reason else None,
                                 [list(lp) for lp in o.new_logprobs]) for o in outs])

@@ -149,6 +149,20 @@ class KVChannel:
         work = dist.irecv(t, peer, group=self._group(peer), tag=tag if self.backend == "gloo" else 0)
         return self._track(work, "recv", peer)
 
+    def warmup(self) -> None:
+        """Exchange one byte on every pair this rank belongs to, so that NCCL creates each pair's
+        communicator now (it does so lazily, blocking until both ends arrive) rather than on the
+        first KV transfer. Every rank walks the pairs in the same global order, which cannot
+        deadlock: it is one sequential schedule of blocking exchanges."""
+        t = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        for (p, d) in sorted(self.groups):
+            if self.rank == p:
+                self.isend(t, d, tag=999).wait()
+            else:
+                self.irecv(t, p, tag=999).wait()
+        self._sync()
+        self.bytes_sent = self.bytes_received = 0
+
     def measure_bandwidth(self, peer: int, nbytes: int = 64 * 2**20, iters: int = 5) -> float:
         """One-way bandwidth to/from `peer` in bytes/s; both ends call it at the same time.
 

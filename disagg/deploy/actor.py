@@ -40,6 +40,7 @@ class WorkerActor:
         self.cfg = engine_config_from_dict(engine_cfg)
         self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method),
                                  self.cfg.torch_device)
+        self.channel.warmup()
         return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()})"
 
     def measure_bandwidth(self, peer: int, nbytes: int) -> float:
