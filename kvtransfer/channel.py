@@ -99,6 +99,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class KVChannel:
     def __init__(self, cfg: ChannelConfig, device: torch.device):
         self.cfg = cfg
+        if device.type == "cuda" and device.index is None:   # NCCL wants an indexed device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
         if self.backend == "nccl":

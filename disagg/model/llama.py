@@ -174,24 +174,26 @@ class LlamaModel:
         return F.linear(out.view(T, cfg.q_size), lw.o)
 
     def _prefill_attention(self, q, k, v, kc, vc, ps: PrefillSeq) -> torch.Tensor:
-        """Causal attention of a chunk's q: [L, Hq, D] over its prefix (from the cache) and itself."""
+        """Causal attention of a chunk's q: [L, Hq, D] over its prefix (from the cache) and itself.
+
+        SDPA's fused backends (flash, memory-efficient) take only 4-D [B, H, L, D] inputs and no
+        GQA broadcast together with a mask; anything else silently runs the unfused math path.
+        """
         L = ps.q_len
+        g = q.shape[1] // k.shape[1]
         if ps.ctx_len > L:
             bs = kc.shape[1]
             n = (ps.ctx_len + bs - 1) // bs
             blocks = ps.block_table[:n]
             k = kc[blocks].flatten(0, 1)[:ps.ctx_len]      # [ctx, Hkv, D]
             v = vc[blocks].flatten(0, 1)[:ps.ctx_len]
-            g = q.shape[1] // k.shape[1]
-            if g > 1:   # the fused backends take no GQA broadcast together with a mask
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             # query i sits at position ctx-L+i and sees keys 0..ctx-L+i: causal, aligned bottom-right
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=causal_lower_right(L, ps.ctx_len), scale=self.scale)
+            mask, causal = causal_lower_right(L, ps.ctx_len), False
         else:
-            g = q.shape[1] // k.shape[1]
-            if g > 1 and q.is_cuda:   # expanded heads keep SDPA on the flash backend (GQA+flash falls back)
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               is_causal=True, scale=self.scale, enable_gqa=g > 1 and not q.is_cuda)
-        return o.transpose(0, 1)
+            mask, causal = None, True
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                           scale=self.scale)
+        return o[0].transpose(0, 1)
