@@ -12,15 +12,27 @@ in admission order: a decoding request takes 1 token, a request still in prefill
 the next chunk of its prompt. Then waiting requests are admitted, FCFS, while the
 budget, `max_num_seqs` and free blocks allow. The scheduler thinks in tokens; the
 block manager answers in block ids; the model runner sees only the output dataclass.
+
+Admission order. Preempted requests go first, in queue order (they already waited and
+hold output). The rest go in queue order (FCFS: `add` order) by default, or in the order
+of an `OrderingPolicy` (router.policy, e.g. shortest-predicted-first with aging), asked
+once per step with `now = clock()` over `QueueItem(request_id, arrival_time,
+num_prompt_tokens, predicted_len(request))`. Admission is strict in that order: when the
+next request does not fit, nobody behind it is admitted (no skipping, so the policy's
+no-starvation bound holds).
 """
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from decode.block_manager import BlockManager
 from disagg.config import SchedulerConfig
 from disagg.request import FinishReason, Request
+from router.policy import OrderingPolicy, QueueItem
 
 
 @dataclass
@@ -59,11 +71,25 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+def _max_tokens(req: Request) -> float:
+    return float(req.params.max_tokens)
+
+
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 ordering: OrderingPolicy | None = None, clock: Callable[[], float] = time.monotonic,
+                 predicted_len: Callable[[Request], float] = _max_tokens):
+        """ordering: None keeps queue order (FCFS, as requests were added). Otherwise the policy
+        orders the waiting requests that were never preempted, at `now = clock()` (the clock of
+        `Request.arrival_time`: time.monotonic, or a simulator's). predicted_len(request) gives
+        its predicted response length in tokens (default: its max_tokens, an upper bound); for
+        a table of predictions pass e.g. `lambda r: table.get(r.request_id, r.params.max_tokens)`."""
         self.cfg = cfg
         self.bm = block_manager
         self.max_model_len = max_model_len
+        self.ordering = ordering
+        self.clock = clock
+        self.predicted_len = predicted_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -126,18 +152,35 @@ class Scheduler:
             break  # req itself was preempted: it was the youngest, nothing left behind it
 
         # Admit waiting requests only when nothing was preempted this step (no thrash).
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.cfg.max_num_seqs):
-            req = self.waiting[0]
+        room = self.cfg.max_num_seqs - len(self.running)
+        for req in (self._admission_order(room) if not out.preempted and room > 0 else []):
+            if budget <= 0:
+                break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 break
-            self.waiting.popleft()
+            if self.waiting[0] is req:
+                self.waiting.popleft()
+            else:
+                self.waiting.remove(req)
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, list(self.bm.block_table(req.request_id))))
             budget -= n
         out.scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first
         return out
+
+    def _admission_order(self, room: int) -> list[Request]:
+        """The first `room` waiting requests in admission order (see the module docstring)."""
+        if self.ordering is None:
+            return list(itertools.islice(self.waiting, room))
+        preempted = [r for r in self.waiting if r.num_preemptions > 0]
+        if len(preempted) >= room:
+            return preempted[:room]
+        fresh = [r for r in self.waiting if r.num_preemptions == 0]
+        now = self.clock()
+        items = [QueueItem(r.request_id, r.arrival_time, r.num_prompt_tokens, float(self.predicted_len(r)))
+                 for r in fresh]
+        return preempted + [fresh[i] for i in self.ordering.order(items, now)][:room - len(preempted)]
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
