@@ -27,6 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "spf"],
+                   help="which waiting request goes next: fcfs, or spf = shortest predicted response first, "
+                        "with aging (no request waits more than --max-wait-s behind later arrivals)")
+    p.add_argument("--max-wait-s", type=float, default=10.0, help="spf: the aging bound, seconds")
 
 
 def resolve_model(model: str | None) -> tuple[str, str]:
@@ -48,7 +52,8 @@ def engine_config(args, model_dir: str):
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_gib=args.cpu_kv_gib),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.max_model_len),
+                                  max_model_len=args.max_model_len, ordering=args.scheduling_policy,
+                                  max_wait_s=args.max_wait_s),
         use_cuda_graphs=not args.enforce_eager, load_format=args.load_format, seed=args.seed)
 
 
@@ -103,12 +108,28 @@ async def start_server(args, eng, name, host: str, port: int):
     from router.server import Server
     aeng = AsyncEngine(eng)
     aeng.start()
-    server = Server(aeng, eng.tokenizer, args.served_model_name or name, eng.max_model_len, api_key=args.api_key)
+    server = Server(aeng, eng.tokenizer, args.served_model_name or name, eng.max_model_len, **server_kwargs(args))
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     return aeng, runner
+
+
+def load_predictor(args):
+    """The length predictor the router uses (the shipped SmolLM2 one, a trained file, or none)."""
+    if args.length_predictor == "none":
+        return None
+    from router import predictor as lp
+    if args.length_predictor == "default":
+        # A predictor belongs to a model: the shipped one learned SmolLM2's answers.
+        return lp.load_default_predictor() if args.model is None else None
+    return lp.LearnedPredictor.load(args.length_predictor)
+
+
+def server_kwargs(args) -> dict:
+    return dict(api_key=args.api_key, predictor=load_predictor(args), max_queued_requests=args.max_queued_requests,
+                max_queued_tokens=args.max_queued_tokens, request_log=args.request_log)
 
 
 def launch_cluster(args):
@@ -143,7 +164,7 @@ async def start_cluster_server(args, eng, tok, name, max_len, host, port):
 
     from router.server import Server
     eng.start()
-    server = Server(eng, tok, args.served_model_name or name, max_len, api_key=args.api_key)
+    server = Server(eng, tok, args.served_model_name or name, max_len, **server_kwargs(args))
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -200,6 +221,7 @@ def cmd_demo(args) -> int:
     import aiohttp
     eng, name = build_engine(args)
     args.api_key = None
+    args.length_predictor = "none"
 
     async def main():
         port = _free_port()
@@ -260,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DISAGG_API_KEY)")
+    add_router_args(s)
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="serve the model on loopback and answer one chat request")
@@ -267,11 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--question", default="What is the capital of France?")
     d.add_argument("--max-tokens", type=int, default=64)
     d.add_argument("--served-model-name", default=None)
+    add_router_args(d)
     d.set_defaults(fn=cmd_demo)
+
+    sub.add_parser("chat", help="terminal chat client that streams from a server (disagg chat --help)")
+    sub.add_parser("predictor", help="response-length predictor tools (disagg predictor train --help)")
     return ap
 
 
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests waiting for their first token before new ones get 429")
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 22,
+                   help="prompt tokens waiting for their first token before new requests get 429")
+    p.add_argument("--request-log", default=None,
+                   help="append one JSON line per finished request (prompt text included) for "
+                        "`disagg predictor train --log FILE`")
+    p.add_argument("--length-predictor", default="default",
+                   help="'default': the shipped predictor when serving the bundled SmolLM2, none for other "
+                        "models; 'none'; or a file trained by `disagg predictor train`")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "chat":
+        from disagg.chat import main as chat_main
+        return chat_main(argv[1:]) or 0
+    if argv and argv[0] == "predictor":
+        from router.predictor import main as predictor_main
+        return predictor_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     return args.fn(args) or 0
 

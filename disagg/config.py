@@ -176,10 +176,15 @@ class SchedulerConfig:
     max_num_seqs: int = 256              # most requests in one step
     max_num_batched_tokens: int = 2048   # token budget of one step (decode tokens + prefill chunks)
     max_model_len: int | None = None     # None: the model's max_position_embeddings
+    ordering: str = "fcfs"               # which waiting request is admitted next: fcfs | spf
+    aging_rate: float = 20.0             # spf: predicted tokens forgiven per second waited
+    max_wait_s: float = 10.0             # spf: after this wait a request goes first (no starvation)
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.ordering not in ("fcfs", "spf"):
+            raise ValueError("ordering must be 'fcfs' or 'spf'")
 
 
 @dataclass(frozen=True)

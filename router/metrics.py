@@ -33,6 +33,9 @@ class Metrics:
                              registry=r).labels(model_name)
         self.kv_usage = Gauge("disagg:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", L,
                               registry=r).labels(model_name)
+        self.predictor_error = Histogram(
+            "disagg:predicted_length_abs_error_tokens", "Absolute error of the response-length prediction.", L,
+            buckets=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r).labels(model_name)
         self.errors = Counter("disagg:request_errors", "Requests answered with an error, by HTTP status.",
                               L + ["status"], registry=r)
 

@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -28,10 +28,31 @@ from router.metrics import Metrics
 MAX_BODY_BYTES = 64 * 2**20
 
 
+@dataclass
+class _Ctx:
+    """One HTTP request's bookkeeping across its n choices."""
+    rid: str
+    text: str
+    prompt_tokens: int
+    predicted: float | None
+    unqueue: int = 0
+
+
 class Server:
     def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int,
-                 api_key: str | None = None):
+                 api_key: str | None = None, predictor=None, max_queued_requests: int = 1024,
+                 max_queued_tokens: int = 1 << 22, request_log: str | None = None):
+        """predictor: router.predictor.LengthPredictor (None: no prediction; requests carry max_tokens).
+        Queue bounds count requests accepted but not yet given their first token: past either,
+        new requests get 429 with Retry-After. request_log: a JSONL file, one line per finished
+        choice (prompt text included: `disagg predictor train --log FILE` learns from it)."""
         self.engine = engine
+        self.predictor = predictor
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
+        self.queued_requests = 0
+        self.queued_tokens = 0
+        self._log = open(request_log, "a", buffering=1) if request_log else None
         self.tok = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -136,7 +157,8 @@ class Server:
         except ChatTemplateError as e:
             raise oa.bad(str(e), "messages") from None
         self._fit(prompt_ids, parsed, "messages")
-        return await self._generate(request, prompt_ids, parsed, chat=True)
+        text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+        return await self._generate(request, prompt_ids, parsed, chat=True, text=text)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -150,7 +172,8 @@ class Server:
                 raise oa.bad("prompt token ids must be within the vocabulary", "prompt")
             prompt_ids = prompt
         self._fit(prompt_ids, parsed, "prompt")
-        return await self._generate(request, prompt_ids, parsed, chat=False)
+        return await self._generate(request, prompt_ids, parsed, chat=False,
+                                    text=prompt if isinstance(prompt, str) else self.tok.decode(prompt))
 
     def _choice_params(self, parsed: oa.ParsedRequest, i: int):
         p = parsed.params
@@ -159,14 +182,30 @@ class Server:
     def _tok_str(self, tid: int) -> str:
         return self.tok.decode([tid], skip_special_tokens=False)
 
-    async def _generate(self, request, prompt_ids, parsed: oa.ParsedRequest, chat: bool):
+    async def _generate(self, request, prompt_ids, parsed: oa.ParsedRequest, chat: bool, text: str = ""):
+        n_tok = len(prompt_ids) * parsed.n
+        if (self.queued_requests + parsed.n > self.max_queued_requests
+                or self.queued_tokens + n_tok > self.max_queued_tokens):
+            raise oa.APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
+                              "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"})
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
-        self.metrics.prompt_tokens.inc(len(prompt_ids) * parsed.n)
-        if parsed.stream:
-            return await self._stream(request, rid, prompt_ids, parsed, chat)
-        t0 = time.monotonic()
-        results = await asyncio.gather(*[self._collect(prompt_ids, self._choice_params(parsed, i), t0)
-                                         for i in range(parsed.n)])
+        self.metrics.prompt_tokens.inc(n_tok)
+        pred = None
+        if self.predictor is not None:
+            pred = float(self.predictor.predict(text, len(prompt_ids)))
+            pred = min(pred, parsed.params.max_tokens)
+        ctx = _Ctx(rid, text, len(prompt_ids), pred)
+        self.queued_requests += parsed.n
+        self.queued_tokens += n_tok
+        ctx.unqueue = parsed.n
+        try:
+            if parsed.stream:
+                return await self._stream(request, rid, prompt_ids, parsed, chat, ctx)
+            t0 = time.monotonic()
+            results = await asyncio.gather(*[self._collect(prompt_ids, self._choice_params(parsed, i), t0, ctx)
+                                             for i in range(parsed.n)])
+        finally:
+            self._unqueue(ctx, ctx.unqueue)
         choices, completion_tokens = [], 0
         for i, (text, n_out, reason, lps) in enumerate(results):
             completion_tokens += n_out
@@ -181,12 +220,35 @@ class Server:
         make = oa.chat_response if chat else oa.completion_response
         return web.json_response(make(rid, self.model_name, choices, len(prompt_ids), completion_tokens))
 
-    async def _collect(self, prompt_ids, params, t0):
+    def _unqueue(self, ctx: "_Ctx", n: int) -> None:
+        n = min(n, ctx.unqueue)
+        if n > 0:
+            ctx.unqueue -= n
+            self.queued_requests -= n
+            self.queued_tokens -= n * ctx.prompt_tokens
+
+    def _finished(self, ctx: "_Ctx", out, t0: float, now: float, first: float | None) -> None:
+        if ctx.predicted is not None:
+            self.metrics.predictor_error.observe(abs(ctx.predicted - out.num_output_tokens))
+        if self._log is not None:
+            self._log.write(json.dumps({
+                "time": time.time(), "request_id": ctx.rid, "prompt": ctx.text, "prompt_tokens": ctx.prompt_tokens,
+                "response_tokens": out.num_output_tokens,
+                "finish_reason": out.finish_reason.value if out.finish_reason else None,
+                "predicted_len": ctx.predicted, "ttft_s": None if first is None else first - t0,
+                "e2e_s": now - t0}, ensure_ascii=False) + "\n")
+
+    async def _collect(self, prompt_ids, params, t0, ctx: "_Ctx"):
         text, n_out, reason, lps = [], 0, None, []
-        last = None
-        async for out in self.engine.generate(prompt_ids, params, uuid.uuid4().hex):
+        last = first = None
+        async for out in self.engine.generate(prompt_ids, params, uuid.uuid4().hex, ctx.predicted):
             now = time.monotonic()
             self._observe_token(out, t0, last, now)
+            if first is None and (out.new_token_ids or out.finished):
+                first = now
+                self._unqueue(ctx, 1)
+            if out.finished:
+                self._finished(ctx, out, t0, now, first)
             last = now
             text.append(out.new_text)
             n_out = out.num_output_tokens
@@ -206,7 +268,7 @@ class Server:
             self.metrics.e2e.observe(now - t0)
             self.metrics.finished(out.finish_reason.value)
 
-    async def _stream(self, request, rid, prompt_ids, parsed: oa.ParsedRequest, chat: bool):
+    async def _stream(self, request, rid, prompt_ids, parsed: oa.ParsedRequest, chat: bool, ctx: "_Ctx"):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         created = int(time.time())
@@ -214,11 +276,17 @@ class Server:
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int):
-            last = None
+            last = first = None
             try:
-                async for out in self.engine.generate(prompt_ids, self._choice_params(parsed, i), uuid.uuid4().hex):
+                async for out in self.engine.generate(prompt_ids, self._choice_params(parsed, i), uuid.uuid4().hex,
+                                                      ctx.predicted):
                     now = time.monotonic()
                     self._observe_token(out, t0, last, now)
+                    if first is None and (out.new_token_ids or out.finished):
+                        first = now
+                        self._unqueue(ctx, 1)
+                    if out.finished:
+                        self._finished(ctx, out, t0, now, first)
                     last = now
                     await q.put((i, out))
             except Exception as e:  # noqa: BLE001 - reported in-stream

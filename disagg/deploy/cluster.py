@@ -34,7 +34,7 @@ from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, RequestOutput, SamplingParams
 from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
 from kvtransfer.handshake import check_compatible
-from router.policy import decode_preference, pick_prefill
+from router.policy import QueueItem, decode_preference, make_ordering, pick_prefill
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ class DisaggEngine:
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self._started_ray = False
+        self._waiting: dict[str, QueueItem] = {}
+        sc = cfg.engine.scheduler
+        self.ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
+            aging_rate=sc.aging_rate, max_wait_s=sc.max_wait_s)))
 
     # ------------------------------------------------------------------ bring-up
     def launch(self) -> None:
@@ -177,15 +181,16 @@ class DisaggEngine:
         if self._started_ray:
             ray.shutdown()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       predicted_len: float | None = None) -> AsyncIterator[RequestOutput]:
         if not self.healthy:
             raise EngineDeadError(self.error or "cluster is not running")
         st = _Stream(request_id, len(prompt_ids), IncrementalDetokenizer(self.tok, prompt_ids, params.stop),
                      params.max_tokens)
         self.streams[request_id] = st
         try:
-            st.decode_rank = await self._reserve(request_id, len(prompt_ids))
+            st.decode_rank = await self._reserve(request_id, len(prompt_ids),
+                                                 predicted_len if predicted_len is not None else params.max_tokens)
             st.prefill_rank = pick_prefill([self.loads[r] for r in self.prefill_ranks if r in self.loads]) \
                 if len(self.loads) >= len(self.actors) else self.prefill_ranks[next(self._ids) % len(self.prefill_ranks)]
             self._bump_prefill_load(st.prefill_rank, len(prompt_ids))
@@ -207,26 +212,41 @@ class DisaggEngine:
                     self.actors[st.prefill_rank].abort.remote(request_id)
 
     # ------------------------------------------------------------------ dispatch
-    async def _reserve(self, rid: str, prompt_len: int) -> int:
-        deadline = time.monotonic() + self.cfg.reserve_timeout_s
-        delay = 0.01
-        while True:
-            loads = [self.loads.get(r) or WorkerLoad(r, "decode", 0, 0, 0, 1 << 30, 1 << 30)
-                     for r in self.decode_ranks]
-            for rank in decode_preference(loads, 0):
-                reply = decode(await self.actors[rank].reserve.remote(encode(Reserve(rid, prompt_len))), ReserveReply)
-                old = self.loads.get(rank)
-                if old is not None:
-                    self.loads[rank] = WorkerLoad(rank, "decode", old.num_running, old.num_waiting,
-                                                  old.queued_prompt_tokens, reply.free_blocks, old.total_blocks)
-                if reply.ok:
-                    return rank
-            if time.monotonic() > deadline:
-                from router.openai_api import APIError
-                raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
-                               "server_error", headers={"Retry-After": "2"})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    async def _reserve(self, rid: str, prompt_len: int, predicted: float) -> int:
+        """Wait for a decode worker with room, in the router's ordering (FCFS or shortest-predicted-
+        first with aging, over every request waiting here); 503 after the reserve deadline."""
+        now = time.monotonic()
+        self._waiting[rid] = QueueItem(rid, now, prompt_len, predicted)
+        deadline = now + self.cfg.reserve_timeout_s
+        delay = 0.005
+        bs = self.cfg.engine.cache.block_size
+        try:
+            while True:
+                items = list(self._waiting.values())
+                head = items[self.ordering.pick(items, time.monotonic())].request_id
+                if head == rid:      # strict order: only the policy's choice may take capacity
+                    loads = [self.loads.get(r) or WorkerLoad(r, "decode", 0, 0, 0, 1 << 30, 1 << 30)
+                             for r in self.decode_ranks]
+                    prefs = decode_preference(loads, prompt_tokens=prompt_len, predicted_len=predicted,
+                                              block_size=bs) or decode_preference(loads, 0)
+                    for rank in prefs:
+                        reply = decode(await self.actors[rank].reserve.remote(encode(Reserve(rid, prompt_len))),
+                                       ReserveReply)
+                        old = self.loads.get(rank)
+                        if old is not None:
+                            self.loads[rank] = WorkerLoad(rank, "decode", old.num_running, old.num_waiting,
+                                                          old.queued_prompt_tokens, reply.free_blocks,
+                                                          old.total_blocks)
+                        if reply.ok:
+                            return rank
+                if time.monotonic() > deadline:
+                    from router.openai_api import APIError
+                    raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
+                                   "server_error", headers={"Retry-After": "2"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        finally:
+            self._waiting.pop(rid, None)
 
     def _bump_prefill_load(self, rank: int, tokens: int) -> None:
         w = self.loads.get(rank)

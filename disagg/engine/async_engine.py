@@ -60,15 +60,15 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ API
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       predicted_len: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Cancelling the consumer aborts it."""
         if not self.healthy:
             raise EngineDeadError(self.error or "engine is not running")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         fut = self._loop.create_future()
-        self._cmds.put(("add", request_id, prompt_ids, params, fut))
+        self._cmds.put(("add", request_id, prompt_ids, params, fut, predicted_len))
         done = False
         try:
             await fut                      # raises ValueError if the engine refused the request
@@ -101,9 +101,9 @@ class AsyncEngine:
     def _apply(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params, fut = cmd
+            _, rid, ids, params, fut, pred = cmd
             try:
-                self.engine.add_request(ids, params, request_id=rid)
+                self.engine.add_request(ids, params, request_id=rid, predicted_len=pred)
             except ValueError as e:
                 self._post(lambda f=fut, e=e: f.done() or f.set_exception(e))
                 return

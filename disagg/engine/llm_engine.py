@@ -18,6 +18,7 @@ from disagg.engine.detokenizer import IncrementalDetokenizer
 from disagg.engine.model_runner import ModelRunner
 from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, Request, RequestOutput, SamplingParams
+from router.policy import make_ordering
 
 
 class LLMEngine:
@@ -39,14 +40,20 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, mc, max_len, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size)
-        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, max_len)
+        sc = cfg.scheduler
+        ordering = None if sc.ordering == "fcfs" else make_ordering(sc.ordering, aging_rate=sc.aging_rate,
+                                                                     max_wait_s=sc.max_wait_s)
+        self.predicted: dict[str, float] = {}     # request id -> predicted response tokens (router's)
+        self.scheduler = Scheduler(sc, self.block_manager, max_len, ordering=ordering,
+                                   predicted_len=lambda r: self.predicted.get(r.request_id,
+                                                                              float(r.params.max_tokens)))
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, predicted_len: float | None = None) -> Request:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"duplicate request id {rid!r}")
@@ -59,6 +66,8 @@ class LLMEngine:
         req = Request(rid, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids)
         self.scheduler.add(req)      # raises ValueError if it can never fit
         self.requests[rid] = req
+        if predicted_len is not None:
+            self.predicted[rid] = predicted_len
         self.detok[rid] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
         return req
 
@@ -149,6 +158,7 @@ class LLMEngine:
         if req.finished:
             self.requests.pop(req.request_id, None)
             self.detok.pop(req.request_id, None)
+            self.predicted.pop(req.request_id, None)
         return out
 
     # ------------------------------------------------------------------ offline helper
