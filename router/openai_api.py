@@ -6,6 +6,7 @@ the offending field in `param`.
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ def _num(body: dict, key: str, default, lo=None, hi=None, integer=False):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise bad(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise bad(f"'{key}' must be a finite number", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad(f"'{key}' must be between {lo} and {hi}, got {v}", key)
     return v

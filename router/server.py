@@ -20,12 +20,21 @@ from typing import Any
 
 from aiohttp import web
 
-from disagg.engine.async_engine import AsyncEngine, EngineDeadError
+from disagg.engine.async_engine import AsyncEngine, EngineDeadError, RequestRejectedError
 from disagg.model.tokenizer import ChatTemplateError, Tokenizer
 from router import openai_api as oa
 from router.metrics import Metrics
 
 MAX_BODY_BYTES = 64 * 2**20
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _strict_json(text: str):
+    """json.loads without NaN / Infinity (Python accepts them; JSON does not)."""
+    return json.loads(text, parse_constant=_no_constants)
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Server:
                 raise
             type_ = "invalid_request_error" if e.status < 500 else "server_error"
             return self._error(oa.APIError(e.status, e.reason or e.text or "error", type_))
+        except RequestRejectedError as e:
+            return self._error(oa.bad(str(e)))
         except EngineDeadError as e:
             return self._error(oa.APIError(503, str(e), "server_error", headers={"Retry-After": "5"}))
         except (asyncio.CancelledError, ConnectionResetError):
@@ -124,8 +135,8 @@ class Server:
     # ------------------------------------------------------------------ generation routes
     async def _body(self, request: web.Request) -> Any:
         try:
-            return await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            return await request.json(loads=_strict_json)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
             raise oa.bad("request body is not valid JSON") from None
 
     def _check_model(self, model: str | None) -> None:

@@ -33,6 +33,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestRejectedError(ValueError):
+    """The engine refused a request (it can never fit): a client error, not a server failure."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -105,7 +109,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(ids, params, request_id=rid, predicted_len=pred)
             except ValueError as e:
-                self._post(lambda f=fut, e=e: f.done() or f.set_exception(e))
+                err = RequestRejectedError(str(e))
+                self._post(lambda f=fut, e=err: f.done() or f.set_exception(e))
                 return
             self._post(lambda f=fut: f.done() or f.set_result(None))
         elif kind == "abort":
