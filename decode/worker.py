@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from disagg.config import EngineConfig
 from disagg.engine.llm_engine import LLMEngine
-from disagg.messages import PlanDone, Reserve, ReserveReply, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
+from disagg.messages import Outbox, PlanDone, Reserve, ReserveReply, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
 from kvtransfer.transfer import KVReceiver, slot_mapping
 
 
@@ -40,8 +40,7 @@ class DecodeWorker:
                                    r.dtype, r.device)
         self.codec = codec
         self.inbox: queue.Queue = queue.Queue()
-        self.outbox: list[TokenOutput] = []
-        self._out_lock = threading.Condition()
+        self.outbox = Outbox()
         self._reserve_lock = threading.Lock()
         self.reserved: set[str] = set()
         self.aborted: set[str] = set()
@@ -69,17 +68,10 @@ class DecodeWorker:
         self.inbox.put(msg)
 
     def take_outputs(self, timeout: float = 0.5) -> list[TokenOutput]:
-        with self._out_lock:
-            if not self.outbox:
-                self._out_lock.wait(timeout)
-            out, self.outbox = self.outbox, []
-        return out
+        return self.outbox.take(timeout)
 
     def _emit(self, items: list[TokenOutput]) -> None:
-        if items:
-            with self._out_lock:
-                self.outbox.extend(items)
-                self._out_lock.notify_all()
+        self.outbox.put(items)
 
     def load(self) -> WorkerLoad:
         sch, bm = self.engine.scheduler, self.engine.block_manager

@@ -17,6 +17,7 @@ Flow of one request in disaggregated mode:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,3 +153,25 @@ def decode_many(data: bytes, expect: type | None = None) -> list:
     if not isinstance(items, list):
         raise ValueError("malformed message batch")
     return [decode(b, expect) for b in items]
+
+
+class Outbox:
+    """Messages a worker's engine thread produces for the router's long poll (thread-safe)."""
+
+    def __init__(self):
+        self._items: list = []
+        self._cond = threading.Condition()
+
+    def put(self, items: list) -> None:
+        if items:
+            with self._cond:
+                self._items.extend(items)
+                self._cond.notify_all()
+
+    def take(self, timeout: float) -> list:
+        """Everything queued, waiting up to `timeout` seconds for something to arrive."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            out, self._items = self._items, []
+        return out

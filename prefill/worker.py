@@ -16,7 +16,6 @@ safe to call from others.
 from __future__ import annotations
 
 import queue
-import threading
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
@@ -25,7 +24,7 @@ from decode.block_manager import BlockManager
 from decode.scheduler import Scheduler
 from disagg.config import EngineConfig, ModelConfig
 from disagg.engine.model_runner import ModelRunner
-from disagg.messages import PlanDone, PrefillRequest, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
+from disagg.messages import Outbox, PlanDone, PrefillRequest, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
 from disagg.request import Request
 from kvtransfer.transfer import KVSender, _SendPlan, slot_mapping
 
@@ -49,8 +48,7 @@ class PrefillWorker:
         self.orig_params: dict[str, dict] = {}
         self.next_plan_id: dict[int, int] = defaultdict(int)
         self.inbox: queue.Queue = queue.Queue()
-        self.outbox: list[TokenOutput] = []
-        self._out_lock = threading.Condition()
+        self.outbox = Outbox()
 
     # ------------------------------------------------------------------ cross-thread API
     def submit(self, msg: PrefillRequest) -> None:
@@ -60,17 +58,10 @@ class PrefillWorker:
         self.inbox.put(("abort", request_id))
 
     def take_outputs(self, timeout: float = 0.5) -> list[TokenOutput]:
-        with self._out_lock:
-            if not self.outbox:
-                self._out_lock.wait(timeout)
-            out, self.outbox = self.outbox, []
-        return out
+        return self.outbox.take(timeout)
 
     def _emit(self, items: list[TokenOutput]) -> None:
-        if items:
-            with self._out_lock:
-                self.outbox.extend(items)
-                self._out_lock.notify_all()
+        self.outbox.put(items)
 
     def load(self) -> WorkerLoad:
         queued = sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.waiting))
