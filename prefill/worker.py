@@ -95,9 +95,6 @@ class PrefillWorker:
             pass
         self._emit(errors)
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or not self.inbox.empty()
-
     def run_step(self) -> None:
         self._drain_inbox(block=not self.scheduler.has_unfinished())
         self.sender.reap()

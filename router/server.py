@@ -249,8 +249,9 @@ class Server:
                 "predicted_len": ctx.predicted, "ttft_s": None if first is None else first - t0,
                 "e2e_s": now - t0}, ensure_ascii=False) + "\n")
 
-    async def _collect(self, prompt_ids, params, t0, ctx: "_Ctx"):
-        text, n_out, reason, lps = [], 0, None, []
+    async def _outputs(self, prompt_ids, params, t0: float, ctx: "_Ctx"):
+        """One choice's engine outputs, with the bookkeeping every route needs: latency metrics,
+        leaving the admission queue at the first token, the request log at the end."""
         last = first = None
         async for out in self.engine.generate(prompt_ids, params, uuid.uuid4().hex, ctx.predicted):
             now = time.monotonic()
@@ -261,6 +262,11 @@ class Server:
             if out.finished:
                 self._finished(ctx, out, t0, now, first)
             last = now
+            yield out
+
+    async def _collect(self, prompt_ids, params, t0, ctx: "_Ctx"):
+        text, n_out, reason, lps = [], 0, None, []
+        async for out in self._outputs(prompt_ids, params, t0, ctx):
             text.append(out.new_text)
             n_out = out.num_output_tokens
             for tid, lp in zip(out.new_token_ids, out.new_logprobs):
@@ -287,18 +293,8 @@ class Server:
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int):
-            last = first = None
             try:
-                async for out in self.engine.generate(prompt_ids, self._choice_params(parsed, i), uuid.uuid4().hex,
-                                                      ctx.predicted):
-                    now = time.monotonic()
-                    self._observe_token(out, t0, last, now)
-                    if first is None and (out.new_token_ids or out.finished):
-                        first = now
-                        self._unqueue(ctx, 1)
-                    if out.finished:
-                        self._finished(ctx, out, t0, now, first)
-                    last = now
+                async for out in self._outputs(prompt_ids, self._choice_params(parsed, i), t0, ctx):
                     await q.put((i, out))
             except Exception as e:  # noqa: BLE001 - reported in-stream
                 await q.put((i, e))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from disagg.engine.llm_engine import LLMEngine
-from disagg.request import FinishReason, RequestOutput, SamplingParams
+from disagg.request import RequestOutput, SamplingParams
 
 
 @dataclass
@@ -151,6 +151,3 @@ class AsyncEngine:
         for rid in list(self._streams):
             self._deliver(rid, err)
 
-
-def finish_reason_str(r: FinishReason | None) -> str | None:
-    return None if r is None else r.value

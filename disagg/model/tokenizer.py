@@ -12,7 +12,6 @@ import os
 from datetime import datetime
 from typing import Any
 
-from jinja2 import StrictUndefined  # noqa: F401  (kept for callers that want strictness)
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
