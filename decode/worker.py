@@ -16,6 +16,17 @@ Lifecycle of a request here (deadlines are the router's; see router.dispatch):
 
 An abort while RECEIVING keeps the blocks until the plan lands (a receive in flight
 still scatters into them), then frees them.
+
+A request the router chose to prefill here (conditional disaggregation: PrefillRequest
+with dest_rank == this rank) skips RESERVED/RECEIVING: it joins the engine's WAITING
+queue with its prompt and is prefilled in this worker's own (chunked) batches.
+
+The reservation ledger. Reserve allocates only prompt + 1 blocks; the rest of a
+request's expected KV (prompt + predicted output, router.policy.reserved_blocks) is a
+promise recorded here and reported as WorkerLoad.committed_blocks = sum over live
+requests of max(0, promised - held), recomputed after every step. A request that outlives
+its prediction keeps running; its promise grows with what it generated (the policy's
+geometric margin), so the router's view of this worker's headroom is corrected.
 """
 from __future__ import annotations
 
@@ -26,8 +37,10 @@ from collections import defaultdict
 
 from disagg.config import EngineConfig
 from disagg.engine.llm_engine import LLMEngine
-from disagg.messages import Outbox, PlanDone, Reserve, ReserveReply, TokenOutput, TransferPlan, WorkerLoad, params_from_dict
+from disagg.messages import (Outbox, PlanDone, PrefillRequest, Reserve, ReserveReply, TokenOutput, TransferPlan,
+                             WorkerLoad, params_from_dict)
 from kvtransfer.transfer import KVReceiver, slot_mapping
+from router.policy import reserved_blocks
 
 
 class DecodeWorker:
@@ -49,6 +62,9 @@ class DecodeWorker:
         self.done_msgs: dict[tuple[int, int], PlanDone] = {}
         self.landed: dict[tuple[int, int], tuple] = {}                          # (src, pid) -> (plan, ok)
         self.fallbacks = 0
+        self.local_prefills = 0
+        self.ledger: dict[str, tuple[int, float, int]] = {}    # rid -> (prompt tokens, predicted, max_tokens)
+        self.committed = 0                                       # engine thread writes, load() reads
 
     # ------------------------------------------------------------------ cross-thread API
     def reserve(self, msg: Reserve) -> ReserveReply:
@@ -61,10 +77,12 @@ class DecodeWorker:
                 ok = False
             if ok:
                 self.reserved.add(msg.request_id)
+                self.ledger[msg.request_id] = (msg.num_prompt_tokens, msg.predicted_len, msg.max_tokens)
             return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks)
 
     def control(self, msg) -> None:
-        """TransferPlan / PlanDone from a prefill rank, or an abort (request id string)."""
+        """TransferPlan / PlanDone from a prefill rank, a PrefillRequest to prefill here, or an
+        abort (request id string)."""
         self.inbox.put(msg)
 
     def take_outputs(self, timeout: float = 0.5) -> list[TokenOutput]:
@@ -75,8 +93,9 @@ class DecodeWorker:
 
     def load(self) -> WorkerLoad:
         sch, bm = self.engine.scheduler, self.engine.block_manager
-        return WorkerLoad(self.rank, "decode", sch.num_running, sch.num_waiting + len(self.reserved), 0,
-                          bm.num_free_blocks, bm.num_blocks)
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in list(sch.waiting))
+        return WorkerLoad(self.rank, "decode", sch.num_running, sch.num_waiting + len(self.reserved), queued,
+                          bm.num_free_blocks, bm.num_blocks, committed_blocks=self.committed)
 
     def has_work(self) -> bool:
         return (self.engine.has_unfinished() or bool(self.receiver.pending) or not self.inbox.empty()
@@ -88,6 +107,8 @@ class DecodeWorker:
             self.plans[msg.src_rank][msg.plan_id] = msg
         elif isinstance(msg, PlanDone):
             self.done_msgs[(msg.src_rank, msg.plan_id)] = msg
+        elif isinstance(msg, PrefillRequest):
+            self._add_local(msg)
         elif isinstance(msg, str):          # abort
             self._abort(msg)
 
@@ -102,6 +123,33 @@ class DecodeWorker:
         out = self.engine.abort(rid)
         if out is not None:
             self._emit([TokenOutput(rid, [], out.num_prompt_tokens, out.num_output_tokens, "abort")])
+
+    def _add_local(self, m: PrefillRequest) -> None:
+        params = params_from_dict(m.params)
+        try:
+            self.engine.add_request(list(m.prompt_token_ids), params, m.request_id,
+                                    predicted_len=m.predicted_len or None)
+        except ValueError as e:
+            self._emit([TokenOutput(m.request_id, [], len(m.prompt_token_ids), 0, "error", error=str(e))])
+            return
+        self.local_prefills += 1
+        self.ledger[m.request_id] = (len(m.prompt_token_ids), m.predicted_len, params.max_tokens)
+
+    def _update_ledger(self) -> None:
+        """committed = sum over live requests of (blocks promised - blocks held); see the module doc."""
+        bm, reqs = self.engine.block_manager, self.engine.requests
+        total = 0
+        for rid, (prompt, predicted, max_tokens) in list(self.ledger.items()):
+            req = reqs.get(rid)
+            if req is None and rid not in self.reserved:
+                del self.ledger[rid]         # finished, aborted or released
+                continue
+            generated = req.num_output_tokens if req is not None else 0
+            promised = reserved_blocks(prompt, predicted or 1, generated, bm.block_size,
+                                       max_tokens=max_tokens or None)
+            held = len(bm.block_table(rid)) if bm.has(rid) else 0
+            total += max(0, promised - held)
+        self.committed = total
 
     def _drop_reservation(self, rid: str) -> None:
         self.reserved.discard(rid)
@@ -155,6 +203,7 @@ class DecodeWorker:
             self._post_ready_plans()
             self._admit_landed()
             outs = self.engine.step() if self.engine.has_unfinished() else []
+            self._update_ledger()
         if not outs and self.receiver.pending:
             time.sleep(0.0002)   # only waiting on transfers: let the channel's waiter threads run
         self._emit([TokenOutput(o.request_id, o.new_token_ids, o.num_prompt_tokens, o.num_output_tokens,

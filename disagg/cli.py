@@ -140,15 +140,16 @@ def launch_cluster(args):
     model_dir, name = resolve_model(args.model)
     try:
         ecfg = engine_config(args, model_dir)
-        ccfg = ClusterConfig(ecfg, num_prefill=args.prefill, num_decode=args.decode, kv_codec=args.kv_codec,
-                             address=args.address)
+        ccfg = ClusterConfig(ecfg, num_prefill=args.prefill or 0, num_decode=args.decode, kv_codec=args.kv_codec,
+                             address=args.address, local_prefill=args.local_prefill,
+                             local_prefill_threshold=args.local_prefill_threshold)
         mc = ModelConfig.from_dir(model_dir)
         tok = Tokenizer(model_dir)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     max_len = ecfg.scheduler.max_model_len or mc.max_position_embeddings
     t0 = time.perf_counter()
-    print(f"Starting {args.prefill} prefill + {args.decode} decode workers for {name} "
+    print(f"Starting {args.prefill or 0} prefill + {args.decode} decode workers for {name} "
           f"({'Ray at ' + args.address if args.address else 'local Ray'})", file=sys.stderr, flush=True)
     eng = DisaggEngine(ccfg, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
     try:
@@ -172,11 +173,12 @@ async def start_cluster_server(args, eng, tok, name, max_len, host, port):
 
 
 def cmd_serve(args) -> int:
-    disaggregated = bool(args.prefill or args.decode)
+    disaggregated = args.prefill is not None or args.decode is not None
     if disaggregated and args.colocated:
         raise SystemExit("error: --colocated and --prefill/--decode exclude each other")
-    if disaggregated and (args.prefill < 1 or args.decode < 1):
-        raise SystemExit("error: disaggregated mode needs --prefill N and --decode M, each at least 1")
+    if disaggregated and (args.decode is None or args.decode < 1 or (args.prefill or 0) < 0):
+        raise SystemExit("error: cluster mode needs --decode M >= 1 (and --prefill N >= 0; "
+                         "--prefill 0 runs M colocated replicas behind the router)")
     args.api_key = args.api_key or os.environ.get("DISAGG_API_KEY")
     if disaggregated:
         eng, tok, name, max_len = launch_cluster(args)
@@ -187,7 +189,8 @@ def cmd_serve(args) -> int:
         import signal
         if disaggregated:
             aeng, runner = await start_cluster_server(args, eng, tok, name, max_len, args.host, args.port)
-            mode = f"disaggregated, {args.prefill}P+{args.decode}D, KV codec {eng.codec}"
+            mode = (f"disaggregated, {args.prefill}P+{args.decode}D, KV codec {eng.codec}, local prefill "
+                    f"{args.local_prefill}" if args.prefill else f"{args.decode} colocated replicas")
         else:
             aeng, runner = await start_server(args, eng, name, args.host, args.port)
             mode = "colocated"
@@ -272,8 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.add_argument("--colocated", action="store_true",
                    help="one engine does prefill and decode (the default without --prefill/--decode)")
-    s.add_argument("--prefill", type=int, default=0, help="prefill workers (one GPU each): disaggregated mode")
-    s.add_argument("--decode", type=int, default=0, help="decode workers (one GPU each): disaggregated mode")
+    s.add_argument("--prefill", type=int, default=None,
+                   help="prefill workers (one GPU each): disaggregated mode; 0 with --decode M: M colocated "
+                        "replicas behind the router")
+    s.add_argument("--decode", type=int, default=None, help="decode workers (one GPU each): cluster mode")
+    s.add_argument("--local-prefill", default="auto", choices=["auto", "never", "always"],
+                   help="conditional disaggregation: auto prefills a prompt on its decode worker when that is "
+                        "cheaper than a transfer (short prompts, idle prefill-free decode workers, a backed-up "
+                        "prefill pool); never: always use the prefill pool; always: never transfer")
+    s.add_argument("--local-prefill-threshold", type=int, default=256,
+                   help="prompt tokens a decode step absorbs almost free (auto mode's stall model)")
     s.add_argument("--kv-codec", default="auto", choices=["auto", "none", "fp8", "int8", "int4"],
                    help="KV compression between prefill and decode (auto: fastest handoff on the measured "
                         "link among the lossless and 8-bit codecs)")

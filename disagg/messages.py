@@ -7,12 +7,17 @@ tensors never travel here: they go through kvtransfer.
 
 Flow of one request in disaggregated mode:
 
-    router ──Reserve──▶ decode d        (d allocates blocks for prompt + 1, or refuses)
+    router ──Reserve──▶ decode d        (d allocates blocks for prompt + 1, or refuses; it keeps a ledger
+                                         of the predicted length, reported as WorkerLoad.committed_blocks)
     router ──PrefillRequest(dest=d)──▶ prefill p
     prefill p ──TransferPlan──▶ decode d   (before the batch's forward: which requests, how many tokens)
     prefill p ═══ KV, one message per layer per destination (torch.distributed) ═══▶ decode d
     prefill p ──PlanDone(first tokens)──▶ decode d ; ──TokenOutput(first token)──▶ router
     decode d ──TokenOutput(tokens...)──▶ router ... until finished
+
+Conditional disaggregation (a short prompt, when a transfer costs more than computing it
+where it will be decoded): router ──PrefillRequest(dest=d)──▶ decode d itself, which
+prefills it in its own batches and streams every token, the first included.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ class Handshake:
 class Reserve:
     request_id: str
     num_prompt_tokens: int
+    predicted_len: float = 0.0     # the router's predicted response length (0: none); sizes the ledger
+    max_tokens: int = 0            # the request's output cap (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class PrefillRequest:
     prompt_token_ids: list[int]
     params: dict[str, Any]
     dest_rank: int                 # decode worker's rank in the KV group
+    predicted_len: float = 0.0     # the router's predicted response length (0: none)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,8 @@ class WorkerLoad:
     queued_prompt_tokens: int
     free_blocks: int
     total_blocks: int
+    committed_blocks: int = 0      # decode: KV promised to its requests beyond what they hold (the ledger)
+    prefill_s_per_token: float = 0.0   # measured prefill cost (moving average; 0: not measured yet)
 
 
 _TYPES = {c.__name__: c for c in (Handshake, Reserve, ReserveReply, PrefillRequest, TransferPlan, PlanDone,

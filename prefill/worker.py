@@ -16,6 +16,7 @@ safe to call from others.
 from __future__ import annotations
 
 import queue
+import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
@@ -49,6 +50,7 @@ class PrefillWorker:
         self.next_plan_id: dict[int, int] = defaultdict(int)
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = Outbox()
+        self.s_per_token = 0.0      # moving average of step seconds per prompt token (steps of >= 64 tokens)
 
     # ------------------------------------------------------------------ cross-thread API
     def submit(self, msg: PrefillRequest) -> None:
@@ -67,7 +69,7 @@ class PrefillWorker:
         queued = sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.waiting))
         queued += sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.running))
         return WorkerLoad(self.rank, "prefill", self.scheduler.num_running, self.scheduler.num_waiting + self.inbox.qsize(),
-                          queued, self.bm.num_free_blocks, self.bm.num_blocks)
+                          queued, self.bm.num_free_blocks, self.bm.num_blocks, prefill_s_per_token=self.s_per_token)
 
     # ------------------------------------------------------------------ engine thread
     def _drain_inbox(self, block: bool) -> None:
@@ -117,10 +119,14 @@ class PrefillWorker:
             slots = slot_mapping([s.block_table for s in items], ntok, self.bm.block_size, self.runner.device)
             sends.append(_SendPlan(dest, slots))
         self.sender.begin(sends)
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(sched, layer_hook=self.sender.on_layer)
         finally:
             self.sender.end()
+        if (n := sched.num_batched_tokens) >= 64:   # sampled tokens are on the host: the step is done
+            rate = (time.perf_counter() - t0) / n
+            self.s_per_token = rate if not self.s_per_token else 0.8 * self.s_per_token + 0.2 * rate
         finished = self.scheduler.update(sched, result.sampled)
         outs = []
         for dest, (pid, rids, items) in plans.items():

@@ -64,7 +64,9 @@ class _TransferCollector:
         for key, name, doc in (("seconds", "kv_transfer_seconds", "Time from a transfer plan posted to its KV landed."),
                                ("plans", "kv_transfer_plans", "Completed KV transfer plans (one per batch and pair)."),
                                ("failures", "kv_transfer_failures",
-                                "Transfers whose checksum failed (the prompt was recomputed on the decode side).")):
+                                "Transfers whose checksum failed (the prompt was recomputed on the decode side)."),
+                               ("local_prefills", "local_prefills",
+                                "Requests prefilled on their decode worker (conditional disaggregation: no transfer).")):
             c = CounterMetricFamily(f"disagg:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], t.get(key, 0))
             yield c

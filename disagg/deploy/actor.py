@@ -118,7 +118,8 @@ class WorkerActor:
         s = self.worker.sender.stats if self.role == "prefill" else self.worker.receiver.stats
         return {"bytes_raw": s.bytes_raw, "bytes_wire": s.bytes_wire, "seconds": s.seconds, "plans": s.plans,
                 "failures": s.failures,
-                "fallbacks": getattr(self.worker, "fallbacks", 0)}
+                "fallbacks": getattr(self.worker, "fallbacks", 0),
+                "local_prefills": getattr(self.worker, "local_prefills", 0)}
 
     def check_integrity(self) -> bool:
         bm = self.worker.bm if self.role == "prefill" else self.worker.engine.block_manager

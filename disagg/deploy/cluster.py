@@ -8,22 +8,28 @@ router/server.py serves both modes. Bring-up:
     -> handshakes checked pairwise -> link bandwidth and codec speed measured
     -> codec chosen (--kv-codec auto) -> worker loops start -> output pollers start
 
-A request (router side):  Reserve on a decode worker (most free KV; 503 if none has room
-before the deadline) -> PrefillRequest to the least-loaded prefill worker -> its first
-token comes from the prefill worker, the rest from the decode worker; the router
-detokenizes and applies stop strings (and then aborts the decode side).
+A request (router side), in the ordering policy's order over the requests waiting here:
+pick a decode worker (most free KV after reserving the predicted length, net of what its
+ledger already promised; 503 if none has room before the deadline, 400 at once if the
+prompt can never fit) -> conditional disaggregation (router.policy.should_prefill_locally:
+the transfer costs more than computing the prompt where it will be decoded, or there is
+no prefill pool) -> either PrefillRequest to the decode worker itself, which streams every
+token, or Reserve there and PrefillRequest to the prefill worker with the fewest queued
+prompt tokens, whose first token comes back from the prefill side and the rest from the
+decode side. The router detokenizes and applies stop strings (and then aborts the decode
+side). `--prefill 0` makes every decode worker a colocated replica behind this router.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import ray
 
-from disagg.config import EngineConfig
+from disagg.config import EngineConfig, ModelConfig
 from disagg.deploy.actor import WorkerActor
 from disagg.deploy.config_codec import engine_config_to_dict
 from disagg.engine.async_engine import EngineDeadError, EngineStats
@@ -34,7 +40,8 @@ from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, RequestOutput, SamplingParams
 from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
 from kvtransfer.handshake import check_compatible
-from router.policy import QueueItem, decode_preference, make_ordering, pick_prefill
+from router.policy import (QueueItem, blocks_for, decode_preference, make_ordering, pick_prefill, reserved_blocks,
+                           should_prefill_locally)
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,20 @@ class ClusterConfig:
     address: str | None = None          # existing Ray cluster; None starts a local one
     reserve_timeout_s: float = 30.0     # how long a request may wait for decode KV before a 503
     use_gpus: bool | None = None        # None: when the Ray cluster has GPUs
+    local_prefill: str = "auto"         # auto: cost-based (should_prefill_locally); never; always
+    local_prefill_threshold: int = 256  # prompt tokens that ride along a decode step almost free
 
     def __post_init__(self):
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("--prefill and --decode must each be at least 1")
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError("--prefill must be at least 0 and --decode at least 1")
         if self.kv_codec not in ("auto", "none", "fp8", "int8", "int4"):
             raise ValueError("--kv-codec must be one of none, fp8, int8, int4, auto")
+        if self.local_prefill not in ("auto", "never", "always"):
+            raise ValueError("--local-prefill must be one of auto, never, always")
+        if self.num_prefill == 0 and self.local_prefill == "never":
+            raise ValueError("--local-prefill never needs a prefill pool (--prefill >= 1)")
+        if self.local_prefill_threshold < 0:
+            raise ValueError("--local-prefill-threshold must be >= 0")
 
 
 @dataclass
@@ -62,7 +77,7 @@ class _Stream:
     max_tokens: int
     q: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode_rank: int | None = None
-    prefill_rank: int | None = None
+    prefill_rank: int | None = None     # None: prefilled on the decode worker (or not dispatched yet)
     first_seen: bool = False
     buffered: list = field(default_factory=list)
     num_out: int = 0
@@ -85,6 +100,12 @@ class DisaggEngine:
         self._ids = itertools.count()
         self._started_ray = False
         self._waiting: dict[str, QueueItem] = {}
+        self.local_prefills = 0
+        self.codec_ratio = 1.0
+        self.pg = None
+        mc = ModelConfig.from_dir(cfg.engine.model_dir)
+        self._kv_bytes_per_token = mc.kv_bytes_per_token(cfg.engine.torch_dtype)   # raw; the codec scales it
+        self._num_params = mc.num_params
         sc = cfg.engine.scheduler
         self.ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
             aging_rate=sc.aging_rate, max_wait_s=sc.max_wait_s)))
@@ -141,6 +162,10 @@ class DisaggEngine:
 
     def _choose_codec(self) -> None:
         c = self.cfg
+        if not self.prefill_ranks:       # colocated replicas: no KV moves
+            self.codec, self.codec_ratio = "none", 1.0
+            self.log("  no prefill pool: every decode worker prefills its own requests")
+            return
         p, d = self.prefill_ranks[0], self.decode_ranks[0]
         nbytes = 64 * 2**20 if c.use_gpus is not False else 16 * 2**20
         bw = ray.get([self.actors[p].measure_bandwidth.remote(d, nbytes),
@@ -148,13 +173,21 @@ class DisaggEngine:
         self.link = {"pair": [p, d], "bandwidth_bytes_per_s": bw}
         if c.kv_codec != "auto":
             self.codec = c.kv_codec
+            self._set_codec_ratio()
             self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; codec {self.codec} (as asked)")
             return
         speeds = ray.get(self.actors[p].codec_speed.remote(list(AUTO_CANDIDATES), 2048))
         self.codec, times = choose_codec(speeds, bw)
+        self._set_codec_ratio()
         self.link["handoff_s"] = times
         self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; per-layer handoff "
                  + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()) + f" -> codec {self.codec}")
+
+    def _set_codec_ratio(self) -> None:
+        from kvtransfer.codec import get_codec
+        mc = ModelConfig.from_dir(self.cfg.engine.model_dir)
+        self.codec_ratio = get_codec(self.codec).compression_ratio((2, 1024, mc.num_kv_heads, mc.head_dim),
+                                                                   self.cfg.engine.torch_dtype)
 
     # ------------------------------------------------------------------ AsyncEngine interface
     @property
@@ -189,13 +222,19 @@ class DisaggEngine:
                      params.max_tokens)
         self.streams[request_id] = st
         try:
-            st.decode_rank = await self._reserve(request_id, len(prompt_ids),
-                                                 predicted_len if predicted_len is not None else params.max_tokens)
-            st.prefill_rank = pick_prefill([self.loads[r] for r in self.prefill_ranks if r in self.loads]) \
-                if len(self.loads) >= len(self.actors) else self.prefill_ranks[next(self._ids) % len(self.prefill_ranks)]
-            self._bump_prefill_load(st.prefill_rank, len(prompt_ids))
-            await self.actors[st.prefill_rank].submit.remote(encode(PrefillRequest(
-                request_id, list(prompt_ids), params_to_dict(params), st.decode_rank)))
+            predicted = predicted_len if predicted_len is not None else float(params.max_tokens)
+            st.decode_rank, local = await self._dispatch(request_id, len(prompt_ids), predicted, params.max_tokens)
+            msg = PrefillRequest(request_id, list(prompt_ids), params_to_dict(params), st.decode_rank, predicted)
+            if local:
+                st.first_seen = True          # every token comes from the decode worker
+                self.local_prefills += 1
+                await self.actors[st.decode_rank].control.remote(encode(msg))
+            else:
+                st.prefill_rank = pick_prefill([self.loads[r] for r in self.prefill_ranks if r in self.loads]) \
+                    if all(r in self.loads for r in self.prefill_ranks) \
+                    else self.prefill_ranks[next(self._ids) % len(self.prefill_ranks)]
+                self._bump_load(st.prefill_rank, tokens=len(prompt_ids))
+                await self.actors[st.prefill_rank].submit.remote(encode(msg))
             while True:
                 out = await st.q.get()
                 if isinstance(out, BaseException):
@@ -212,33 +251,39 @@ class DisaggEngine:
                     self.actors[st.prefill_rank].abort.remote(request_id)
 
     # ------------------------------------------------------------------ dispatch
-    async def _reserve(self, rid: str, prompt_len: int, predicted: float) -> int:
-        """Wait for a decode worker with room, in the router's ordering (FCFS or shortest-predicted-
-        first with aging, over every request waiting here); 503 after the reserve deadline."""
+    async def _dispatch(self, rid: str, prompt_len: int, predicted: float, max_tokens: int) -> tuple[int, bool]:
+        """(decode rank, prefill it there?) once a decode worker has room for this request, taken in
+        the router's ordering (FCFS, or shortest-predicted-first with aging) over every request
+        waiting here. 400 at once if the prompt can never fit; 503 after the reserve deadline."""
         now = time.monotonic()
         self._waiting[rid] = QueueItem(rid, now, prompt_len, predicted)
         deadline = now + self.cfg.reserve_timeout_s
         delay = 0.005
         bs = self.cfg.engine.cache.block_size
+        need_prompt = blocks_for(prompt_len + 1, bs)
         try:
             while True:
+                self._check_fits(need_prompt)
                 items = list(self._waiting.values())
                 head = items[self.ordering.pick(items, time.monotonic())].request_id
                 if head == rid:      # strict order: only the policy's choice may take capacity
                     loads = [self.loads.get(r) or WorkerLoad(r, "decode", 0, 0, 0, 1 << 30, 1 << 30)
                              for r in self.decode_ranks]
+                    # Room for the prediction net of each worker's ledger; failing that, for the prompt.
                     prefs = decode_preference(loads, prompt_tokens=prompt_len, predicted_len=predicted,
-                                              block_size=bs) or decode_preference(loads, 0)
+                                              block_size=bs, committed={w.rank: w.committed_blocks for w in loads}) \
+                        or decode_preference(loads, need_prompt)
+                    promise = reserved_blocks(prompt_len, predicted, 0, bs, max_tokens=max_tokens)
                     for rank in prefs:
-                        reply = decode(await self.actors[rank].reserve.remote(encode(Reserve(rid, prompt_len))),
-                                       ReserveReply)
-                        old = self.loads.get(rank)
-                        if old is not None:
-                            self.loads[rank] = WorkerLoad(rank, "decode", old.num_running, old.num_waiting,
-                                                          old.queued_prompt_tokens, reply.free_blocks,
-                                                          old.total_blocks)
+                        if self._prefill_here(prompt_len, rank):
+                            self._bump_load(rank, tokens=prompt_len, committed=promise)
+                            return rank, True
+                        reply = decode(await self.actors[rank].reserve.remote(encode(
+                            Reserve(rid, prompt_len, predicted, max_tokens))), ReserveReply)
+                        self._bump_load(rank, free_blocks=reply.free_blocks,
+                                        committed=promise - need_prompt if reply.ok else 0)
                         if reply.ok:
-                            return rank
+                            return rank, False
                 if time.monotonic() > deadline:
                     from router.openai_api import APIError
                     raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
@@ -248,11 +293,43 @@ class DisaggEngine:
         finally:
             self._waiting.pop(rid, None)
 
-    def _bump_prefill_load(self, rank: int, tokens: int) -> None:
+    def _check_fits(self, need_blocks: int) -> None:
+        """A prompt bigger than every decode worker's whole KV cache can never run: 400 now."""
+        totals = [self.loads[r].total_blocks for r in self.decode_ranks if r in self.loads]
+        if len(totals) == len(self.decode_ranks) and need_blocks > max(totals):
+            from router.openai_api import APIError
+            bs = self.cfg.engine.cache.block_size
+            raise APIError(400, f"the prompt needs {need_blocks * bs} tokens of KV cache; the largest decode "
+                                f"worker holds {max(totals) * bs}", "invalid_request_error", param="messages")
+
+    def _prefill_here(self, prompt_len: int, rank: int) -> bool:
+        """Conditional disaggregation (router.policy.should_prefill_locally), from the workers'
+        reported loads, their measured prefill cost and the measured link."""
+        mode = self.cfg.local_prefill
+        if not self.prefill_ranks or mode == "always":
+            return True
+        if mode == "never" or rank not in self.loads:
+            return False
+        pl = [self.loads[r] for r in self.prefill_ranks if r in self.loads]
+        if not pl:
+            return False
+        c = max(w.prefill_s_per_token for w in pl) or self._default_prefill_s_per_token()
+        x = self._kv_bytes_per_token / self.codec_ratio / max(self.link.get("bandwidth_bytes_per_s", 0), 1.0)
+        return should_prefill_locally(prompt_len, self.loads[rank], pl, x, c, self.cfg.local_prefill_threshold)
+
+    def _default_prefill_s_per_token(self) -> float:
+        """Before any prefill was measured: 2 FLOPs per parameter per token at a modest rate."""
+        rate = 2e14 if self.cfg.use_gpus is not False and self.pg is not None else 5e10
+        return 2 * self._num_params / rate
+
+    def _bump_load(self, rank: int, tokens: int = 0, free_blocks: int | None = None, committed: int = 0) -> None:
+        """Until the worker's next report, count what was just sent or promised to it."""
         w = self.loads.get(rank)
-        if w is not None:   # until the next report, count what we just sent it
-            self.loads[rank] = WorkerLoad(rank, w.role, w.num_running, w.num_waiting + 1,
-                                          w.queued_prompt_tokens + tokens, w.free_blocks, w.total_blocks)
+        if w is not None:
+            self.loads[rank] = replace(w, num_waiting=w.num_waiting + (tokens > 0),
+                                       queued_prompt_tokens=w.queued_prompt_tokens + tokens,
+                                       free_blocks=w.free_blocks if free_blocks is None else free_blocks,
+                                       committed_blocks=w.committed_blocks + max(committed, 0))
 
     # ------------------------------------------------------------------ output path
     async def _poll_outputs(self, rank: int) -> None:
@@ -325,7 +402,8 @@ class DisaggEngine:
                     "bytes_wire": sum(s["bytes_wire"] for s, r in zip(stats, self.actors) if r in self.prefill_ranks),
                     "seconds": sum(s["seconds"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
                     "plans": sum(s["plans"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
-                    "failures": sum(s["failures"] for s in stats)}
+                    "failures": sum(s["failures"] for s in stats),
+                    "local_prefills": self.local_prefills}
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001

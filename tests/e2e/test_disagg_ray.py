@@ -18,13 +18,15 @@ def _prompts(seed, lengths):
     return [torch.randint(3, 384, (n,), generator=g).tolist() for n in lengths]
 
 
-def _cluster(model_dir, codec="none", num_prefill=1, num_decode=1, budget=64):
+def _cluster(model_dir, codec="none", num_prefill=1, num_decode=1, budget=64, local_prefill="never"):
+    """local_prefill="never" by default: these tests are about the transfer path."""
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.deploy.cluster import ClusterConfig, DisaggEngine
     from disagg.model.tokenizer import Tokenizer
     ecfg = EngineConfig(model_dir, device="cpu", cache=CacheConfig(block_size=4, num_blocks=256),
                         scheduler=SchedulerConfig(max_num_batched_tokens=budget))
-    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, kv_codec=codec, use_gpus=False),
+    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, kv_codec=codec, use_gpus=False,
+                                     local_prefill=local_prefill),
                        Tokenizer(model_dir), log=lambda *a: None)
     eng.launch()
     return eng
@@ -98,3 +100,24 @@ def test_lossy_codec_serves_and_counts_bytes(tiny_ckpts):
         eng.stop()
     assert [len(t) for t, _ in results] == [6, 6]
     assert 0 < stats["bytes_wire"] < 0.7 * stats["bytes_raw"]
+
+
+def test_colocated_replicas_behind_the_router(tiny_ckpts):
+    """--prefill 0 --decode 2: every request prefills on the decode worker it was sent to (conditional
+    disaggregation with no prefill pool), and equals the colocated engine."""
+    d = tiny_ckpts("llama_gqa")
+    prompts = _prompts(4, (5, 70, 1, 33, 9, 20))
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (12, 5, 20, 7, 16, 3)]
+    colocated = make_engine(d).generate(prompts, params)
+    eng = _cluster(d, num_prefill=0, num_decode=2, local_prefill="auto")
+    try:
+        results = asyncio.run(_run_all(eng, prompts, params))
+        eng.check_integrity()
+        import ray as _ray
+        served = [_ray.get(a.transfer_stats.remote())["local_prefills"] for a in eng.actors.values()]
+    finally:
+        eng.stop()
+    for (toks, reason), ref in zip(results, colocated):
+        assert toks == ref.output_token_ids and reason == ref.finish_reason
+    assert eng.local_prefills == len(prompts) and eng.codec == "none"
+    assert sum(served) == len(prompts)
