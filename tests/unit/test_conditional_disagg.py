@@ -150,3 +150,15 @@ def test_cluster_config_validates_local_prefill(tiny_ckpts):
         ClusterConfig(e, num_prefill=0, local_prefill="never")
     with pytest.raises(ValueError, match="at least"):
         ClusterConfig(e, num_prefill=1, num_decode=0)
+
+
+def test_prompt_no_decode_worker_can_hold_is_a_400_at_once(tiny_ckpts):
+    import asyncio
+
+    from router.openai_api import APIError
+    eng = _router(tiny_ckpts("llama_gqa"), num_prefill=1, num_decode=1)
+    _loads(eng)                                   # decode worker: 100 blocks of 4 tokens
+    with pytest.raises(APIError) as e:
+        asyncio.run(eng._dispatch("big", 400, 10.0, 16))
+    assert e.value.status == 400 and "400 tokens" not in e.value.message and "holds 400" in e.value.message
+    assert eng._waiting == {}
