@@ -1,0 +1,37 @@
+"""Run a test body on N real processes joined by torch.distributed (gloo on CPU, 127.0.0.1).
+
+    run_ranks(body, 4, arg1, arg2)   ->   body(rank, world, arg1, arg2) in 4 spawned processes
+
+`body` must be a module-level function (spawn imports it by name). An exception or a failed
+assert in any rank fails the caller with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, body, args) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        body(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(body, world: int, *args) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), body, args), nprocs=world, join=True)
