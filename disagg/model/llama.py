@@ -38,6 +38,9 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor | None = None   # [Bd, M] int32
     decode_context_lens: torch.Tensor | None = None   # [Bd] int32
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # Context parallelism (prefill/ring_prefill.py): the step's one prefill is this rank's zigzag
+    # slice of a prompt; ring.attend(q, k, v, k_cache, v_cache) replaces its causal attention.
+    ring: object | None = None
 
 
 @dataclass
@@ -170,7 +173,10 @@ class LlamaModel:
                                                          meta.decode_context_lens, self.scale)
             for ps in meta.prefills:
                 s, e = ps.q_start, ps.q_start + ps.q_len
-                out[s:e] = self._prefill_attention(q[s:e], kk[s:e], v[s:e], kc, vc, ps)
+                if meta.ring is not None:
+                    out[s:e] = meta.ring.attend(q[s:e], kk[s:e], v[s:e], kc, vc)
+                else:
+                    out[s:e] = self._prefill_attention(q[s:e], kk[s:e], v[s:e], kc, vc, ps)
         return F.linear(out.view(T, cfg.q_size), lw.o)
 
     def _prefill_attention(self, q, k, v, kc, vc, ps: PrefillSeq) -> torch.Tensor:
