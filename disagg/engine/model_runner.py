@@ -50,9 +50,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.kernels = get_kernels(cfg.use_triton)
         torch.manual_seed(cfg.seed)
-        self.model = LlamaModel.from_pretrained(cfg.model_dir, model_cfg, self.kernels, self.device, self.dtype,
-                                                max_positions=max_model_len, progress=progress,
-                                                load_format=cfg.load_format)
+        self.model = self._load_model(progress)
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, self.block_size,
                                     model_cfg.num_kv_heads, model_cfg.head_dim, device=self.device, dtype=self.dtype)
@@ -60,6 +58,12 @@ class ModelRunner:
         self.graphs: dict[int, tuple] = {}
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
             self._capture_graphs(cfg.scheduler.max_num_seqs)
+
+    def _load_model(self, progress: bool) -> LlamaModel:
+        """The weights on this device (disagg/model/tensor_parallel.TPModelRunner loads one shard)."""
+        return LlamaModel.from_pretrained(self.cfg.model_dir, self.model_cfg, self.kernels, self.device, self.dtype,
+                                          max_positions=self.max_model_len, progress=progress,
+                                          load_format=self.cfg.load_format)
 
     # ------------------------------------------------------------------ memory
     @property

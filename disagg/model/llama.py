@@ -67,6 +67,9 @@ class LlamaModel:
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
+        # Tensor parallelism (disagg/model/tensor_parallel.py): this rank holds a slice of the heads
+        # and of the MLP; tp_reduce(x) sums the partial o_proj / down_proj outputs over the group.
+        self.tp_reduce = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -140,10 +143,14 @@ class LlamaModel:
             else:
                 x, residual = k.fused_add_rms_norm(h, residual, lw.input_norm, eps)
             x = self._attention(x, positions, lw, kc, vc, meta)
+            if self.tp_reduce is not None:
+                x = self.tp_reduce(x)
             if layer_hook is not None:
                 layer_hook(i, kc, vc)
             x, residual = k.fused_add_rms_norm(x, residual, lw.post_norm, eps)
             h = F.linear(k.silu_and_mul(F.linear(x, lw.gate_up)), lw.down)
+            if self.tp_reduce is not None:
+                h = self.tp_reduce(h)
         h, _ = k.fused_add_rms_norm(h, residual, self.norm, eps)
         return h
 
