@@ -57,6 +57,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}                       # key -> block
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
+        self._num_keyed: dict[str, int] = {}      # leading blocks of a table cache_blocks has seen
         self.num_evictions = 0
 
     # ------------------------------------------------------------- queries
@@ -125,6 +126,8 @@ class BlockManager:
                 del self._evictable[b]
             self._ref[b] += 1
             table.append(b)
+        if cached_blocks:
+            self._num_keyed[request_id] = len(cached_blocks)
         new = [self._take() for _ in range(need)]
         for b in new:
             self._ref[b] = 1
@@ -145,14 +148,20 @@ class BlockManager:
     def cache_blocks(self, request_id: str, keys: Sequence[bytes]) -> int:
         """Key the request's first len(keys) blocks, whose KV is computed (they are full).
         A key already held by another block leaves this one unkeyed (two requests computed the
-        same prefix at once; the first one stays the cached copy). Returns blocks newly keyed."""
+        same prefix at once; the first one stays the cached copy). Returns blocks newly keyed.
+        Blocks seen by an earlier call are skipped, so a growing request costs O(new blocks)."""
         if not self.enable_prefix_caching:
             return 0
         table = self._tables.get(request_id, ())
         if len(keys) > len(table):
             raise ValueError(f"{request_id}: {len(keys)} keys for {len(table)} blocks")
+        start = self._num_keyed.get(request_id, 0)
+        if len(keys) <= start:
+            return 0
+        self._num_keyed[request_id] = len(keys)
         added = 0
-        for b, k in zip(table, keys):
+        for i in range(start, len(keys)):
+            b, k = table[i], keys[i]
             if self._key[b] is not None:
                 if self._key[b] != k:
                     raise AssertionError(f"block {b} is cached under another key")
@@ -169,6 +178,7 @@ class BlockManager:
         ref count reached 0 (free or evictable again)."""
         table = self._tables.pop(request_id, None)
         self._num_tokens.pop(request_id, None)
+        self._num_keyed.pop(request_id, None)
         if not table:
             return 0
         freed = 0

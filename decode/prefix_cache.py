@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _ROOT = hashlib.sha256(b"disagg-prefix-cache-v1").digest()
 
@@ -52,3 +53,22 @@ def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | No
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
         out.append(parent)
     return out
+
+
+@dataclass
+class PrefixCacheStats:
+    """Tokens looked up in the cache and found there (vLLM's prefix_cache_queries / _hits).
+
+    One lookup per admission of a request with nothing computed (a preempted request looks up
+    again), and one per decode-side reservation; queries - hits is what had to be computed
+    (or, on a decode worker, transferred)."""
+    queries: int = 0
+    hits: int = 0
+
+    def record(self, queried: int, hit: int) -> None:
+        self.queries += queried
+        self.hits += hit
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0

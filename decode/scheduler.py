@@ -13,6 +13,15 @@ the next chunk of its prompt. Then waiting requests are admitted, FCFS, while th
 budget, `max_num_seqs` and free blocks allow. The scheduler thinks in tokens; the
 block manager answers in block ids; the model runner sees only the output dataclass.
 
+Prefix caching (when the block manager has it on). A request admitted with nothing computed
+first looks up the longest cached prefix of its tokens, in full blocks and never the whole
+of them (at least one token must run to sample from): those blocks head its table and
+`num_computed_tokens` starts after them, so only the uncached suffix is computed. After each
+step the full blocks a request has computed are keyed (`update`), and they stay cached when
+it finishes, is aborted or preempted (a preempted request usually finds its own blocks
+again). Keys are per request, computed once per block (decode/prefix_cache.py), salted by
+`params.cache_salt`.
+
 Admission order. Preempted requests go first, in queue order (they already waited and
 hold output). The rest go in queue order (FCFS: `add` order) by default, or in the order
 of an `OrderingPolicy` (router.policy, e.g. shortest-predicted-first with aging), asked
@@ -30,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from decode.block_manager import BlockManager
+from decode.prefix_cache import PrefixCacheStats, block_hashes
 from disagg.config import SchedulerConfig
 from disagg.request import FinishReason, Request
 from router.policy import OrderingPolicy, QueueItem
@@ -92,6 +102,8 @@ class Scheduler:
         self.predicted_len = predicted_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.block_hashes: dict[str, list[bytes]] = {}    # request id -> keys of its full blocks so far
+        self.prefix_stats = PrefixCacheStats()
 
     # ------------------------------------------------------------------ queues
     def add(self, req: Request) -> None:
@@ -156,9 +168,14 @@ class Scheduler:
         for req in (self._admission_order(room) if not out.preempted and room > 0 else []):
             if budget <= 0:
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+            cached = self._cached_prefix(req)
+            start = len(cached) * self.bm.block_size if cached else req.num_computed_tokens
+            n = min(req.num_tokens - start, budget)
+            if self.bm.allocate_slots(req.request_id, start + n, cached) is None:
                 break
+            if self.bm.enable_prefix_caching and not req.num_computed_tokens:
+                self.prefix_stats.record(req.num_tokens, start)
+            req.num_computed_tokens = start
             if self.waiting[0] is req:
                 self.waiting.popleft()
             else:
@@ -182,6 +199,29 @@ class Scheduler:
                  for r in fresh]
         return preempted + [fresh[i] for i in self.ordering.order(items, now)][:room - len(preempted)]
 
+    # ------------------------------------------------------------------ prefix cache
+    def _keys(self, req: Request, num_blocks: int) -> list[bytes]:
+        """Keys of the request's first `num_blocks` full blocks (each block hashed once)."""
+        known = self.block_hashes.get(req.request_id, [])
+        if len(known) < num_blocks:
+            end = num_blocks * self.bm.block_size
+            toks = req.prompt_token_ids if end <= req.num_prompt_tokens else req.all_token_ids
+            known = self.block_hashes[req.request_id] = block_hashes(
+                toks[:end], self.bm.block_size, req.params.cache_salt, known=known)
+        return known if len(known) == num_blocks else known[:num_blocks]
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks that can head a request that holds nothing yet ([] otherwise)."""
+        if not self.bm.enable_prefix_caching or req.num_computed_tokens or self.bm.has(req.request_id):
+            return []
+        return self.bm.lookup(self._keys(req, (req.num_tokens - 1) // self.bm.block_size))
+
+    def _cache_computed(self, req: Request) -> None:
+        """Key the full blocks whose KV this request has computed (cheap unless a block just filled)."""
+        full = req.num_computed_tokens // self.bm.block_size
+        if full:
+            self.bm.cache_blocks(req.request_id, self._keys(req, full))
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.bm.free(req.request_id)
@@ -197,6 +237,8 @@ class Scheduler:
             if req.finished:        # aborted while the step ran
                 continue
             req.num_computed_tokens += s.num_tokens
+            if self.bm.enable_prefix_caching:
+                self._cache_computed(req)
             tok = sampled.get(req.request_id)
             if tok is None:
                 continue
@@ -230,5 +272,6 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: FinishReason) -> Request:
         req.finish_reason = reason
-        self.bm.free(req.request_id)
+        self.bm.free(req.request_id)            # its keyed blocks stay cached (evictable)
+        self.block_hashes.pop(req.request_id, None)
         return req

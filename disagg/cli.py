@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV-cache size on CPU, GiB")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes seen before (default: on; --no-enable-prefix-caching)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     p.add_argument("--seed", type=int, default=0)
@@ -50,7 +52,8 @@ def engine_config(args, model_dir: str):
     return EngineConfig(
         model_dir=model_dir, dtype=args.dtype, device=args.device,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_gpu_blocks_override,
-                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_gib=args.cpu_kv_gib),
+                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_gib=args.cpu_kv_gib,
+                          enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, ordering=args.scheduling_policy,
                                   max_wait_s=args.max_wait_s),

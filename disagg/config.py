@@ -161,6 +161,7 @@ class CacheConfig:
     num_blocks: int | None = None          # None: size from gpu_memory_utilization / cpu_kv_gib
     gpu_memory_utilization: float = 0.90   # fraction of GPU memory for weights + activations + KV
     cpu_kv_gib: float = 1.0                # KV budget on CPU
+    enable_prefix_caching: bool = True     # keep full blocks keyed by their prefix for reuse (vLLM v1's default)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -32,6 +32,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None          # top-n logprobs to return per token (None: none)
+    # Not a sampling knob: the tenant's prefix-cache salt (requests with different salts never share
+    # cached KV). It rides here so it reaches every worker inside the params already sent.
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -46,6 +49,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
 
     @property
     def greedy(self) -> bool:

@@ -40,7 +40,8 @@ class PrefillWorker:
         self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
         self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings
         self.runner = ModelRunner(replace(cfg, use_cuda_graphs=False), self.model_cfg, self.max_model_len)
-        self.bm = BlockManager(self.runner.num_blocks, cfg.cache.block_size)
+        self.bm = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
+                               enable_prefix_caching=cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.bm, self.max_model_len)
         self.sender = KVSender(channel, codec, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.codec = codec

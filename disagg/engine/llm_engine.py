@@ -39,7 +39,8 @@ class LLMEngine:
             eos.add(eid)
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, mc, max_len, progress=progress)
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
+                                          enable_prefix_caching=cfg.cache.enable_prefix_caching)
         sc = cfg.scheduler
         ordering = None if sc.ordering == "fcfs" else make_ordering(sc.ordering, aging_rate=sc.aging_rate,
                                                                      max_wait_s=sc.max_wait_s)
