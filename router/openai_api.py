@@ -110,9 +110,13 @@ def parse_common(body: Any, chat: bool) -> ParsedRequest:
     if so is not None and not isinstance(so, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = bool(so and so.get("include_usage"))
+    cache_salt = body.get("cache_salt")       # vLLM's extra: requests with different salts share no cached KV
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= 256):
+        raise bad("'cache_salt' must be a non-empty string of at most 256 characters", "cache_salt")
     params = SamplingParams(
         max_tokens=max_tokens or 1, temperature=float(temperature), top_p=float(top_p),
-        top_k=max(top_k, 0), seed=seed, stop=stop, ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs)
+        top_k=max(top_k, 0), seed=seed, stop=stop, ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs,
+        cache_salt=cache_salt)
     return ParsedRequest(model, params, n, stream, include_usage, max_tokens is not None, want_lp)
 
 

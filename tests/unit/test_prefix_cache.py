@@ -317,3 +317,14 @@ def test_random_interleavings_never_corrupt_a_live_block(num_blocks, block_size,
         bm.free(rid)
     bm.check_integrity()
     assert bm.num_free_blocks == num_blocks
+
+
+# ---------------------------------------------------------------- the request field
+def test_cache_salt_request_field():
+    from router.openai_api import APIError, parse_common
+    assert parse_common({"cache_salt": "tenant-1"}, chat=True).params.cache_salt == "tenant-1"
+    assert parse_common({}, chat=False).params.cache_salt is None
+    for bad in ("", 5, ["a"], "x" * 257):
+        with pytest.raises(APIError) as e:
+            parse_common({"cache_salt": bad}, chat=True)
+        assert e.value.status == 400 and e.value.param == "cache_salt"
