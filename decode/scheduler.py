@@ -169,11 +169,11 @@ class Scheduler:
             if budget <= 0:
                 break
             cached = self._cached_prefix(req)
-            start = len(cached) * self.bm.block_size if cached else req.num_computed_tokens
+            start = req.num_computed_tokens if cached is None else len(cached) * self.bm.block_size
             n = min(req.num_tokens - start, budget)
-            if self.bm.allocate_slots(req.request_id, start + n, cached) is None:
+            if self.bm.allocate_slots(req.request_id, start + n, cached or ()) is None:
                 break
-            if self.bm.enable_prefix_caching and not req.num_computed_tokens:
+            if cached is not None:
                 self.prefix_stats.record(req.num_tokens, start)
             req.num_computed_tokens = start
             if self.waiting[0] is req:
@@ -210,10 +210,11 @@ class Scheduler:
                 toks[:end], self.bm.block_size, req.params.cache_salt, known=known)
         return known if len(known) == num_blocks else known[:num_blocks]
 
-    def _cached_prefix(self, req: Request) -> list[int]:
-        """Cached blocks that can head a request that holds nothing yet ([] otherwise)."""
+    def _cached_prefix(self, req: Request) -> list[int] | None:
+        """Cached blocks that can head a request that holds nothing yet (None: no lookup, because the
+        cache is off or the request already holds blocks: a decode worker's transferred request)."""
         if not self.bm.enable_prefix_caching or req.num_computed_tokens or self.bm.has(req.request_id):
-            return []
+            return None
         return self.bm.lookup(self._keys(req, (req.num_tokens - 1) // self.bm.block_size))
 
     def _cache_computed(self, req: Request) -> None:

@@ -2,7 +2,8 @@
 
 Lifecycle of a request here (deadlines are the router's; see router.dispatch):
 
-    RESERVED   blocks for prompt + 1 allocated on the router's Reserve
+    RESERVED   blocks for prompt + 1 allocated on the router's Reserve (with prefix caching, the
+               longest cached prefix of the prompt is reused, and only the rest is transferred)
        │  TransferPlan from the prefill rank (processed in plan_id order per source):
        ▼  one irecv per layer posted into payload buffers
     RECEIVING  poll(): landed layers are decoded and scattered into the reserved blocks
@@ -71,14 +72,19 @@ class DecodeWorker:
         # The block manager belongs to the engine thread; reservations take this lock, and so does
         # the engine thread's step (see run_step), so the two never interleave.
         with self._reserve_lock:
+            cached = 0
             try:
-                ok = self.engine.reserve(msg.request_id, msg.num_prompt_tokens)
+                if msg.prompt_token_ids:     # reuse the prefix this worker holds: only the rest is sent
+                    got = self.engine.reserve_prefix(msg.request_id, list(msg.prompt_token_ids), msg.cache_salt)
+                    ok, cached = got is not None, got or 0
+                else:
+                    ok = self.engine.reserve(msg.request_id, msg.num_prompt_tokens)
             except ValueError:
                 ok = False
             if ok:
                 self.reserved.add(msg.request_id)
                 self.ledger[msg.request_id] = (msg.num_prompt_tokens, msg.predicted_len, msg.max_tokens)
-            return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks)
+            return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks, cached)
 
     def control(self, msg) -> None:
         """TransferPlan / PlanDone from a prefill rank, a PrefillRequest to prefill here, or an
@@ -95,7 +101,8 @@ class DecodeWorker:
         sch, bm = self.engine.scheduler, self.engine.block_manager
         queued = sum(r.num_tokens - r.num_computed_tokens for r in list(sch.waiting))
         return WorkerLoad(self.rank, "decode", sch.num_running, sch.num_waiting + len(self.reserved), queued,
-                          bm.num_free_blocks, bm.num_blocks, committed_blocks=self.committed)
+                          bm.num_free_blocks, bm.num_blocks, committed_blocks=self.committed,
+                          prefix_cache_queries=sch.prefix_stats.queries, prefix_cache_hits=sch.prefix_stats.hits)
 
     def has_work(self) -> bool:
         return (self.engine.has_unfinished() or bool(self.receiver.pending) or not self.inbox.empty()
@@ -164,7 +171,7 @@ class DecodeWorker:
                 self.next_plan[src] += 1
                 tables = [self.engine.block_table(r) for r in p.request_ids]
                 slots = slot_mapping(tables, p.num_tokens, self.engine.block_manager.block_size,
-                                     self.engine.runner.device)
+                                     self.engine.runner.device, starts=p.start_tokens)
                 self.receiver.post(src, p.plan_id, p.request_ids, p.num_tokens, slots)
 
     def _admit_landed(self) -> None:

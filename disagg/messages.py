@@ -18,6 +18,13 @@ Flow of one request in disaggregated mode:
 Conditional disaggregation (a short prompt, when a transfer costs more than computing it
 where it will be decoded): router ──PrefillRequest(dest=d)──▶ decode d itself, which
 prefills it in its own batches and streams every token, the first included.
+
+Prefix caching. Reserve carries the prompt; d reuses the longest cached prefix it holds (full
+blocks, never the whole prompt) and answers ReserveReply.num_cached_tokens = D. The router
+passes D on as PrefillRequest.num_dest_cached_tokens; p computes the prompt over its own cache
+and sends only positions D..P-1 (TransferPlan.start_tokens = D, num_tokens = P - D). D comes
+from d alone, so the blocks the KV lands in are exactly d's unshared ones. Every new field has
+a default that means "no cache" (D = 0), so old and new peers interoperate.
 """
 from __future__ import annotations
 
@@ -64,6 +71,8 @@ class Reserve:
     num_prompt_tokens: int
     predicted_len: float = 0.0     # the router's predicted response length (0: none); sizes the ledger
     max_tokens: int = 0            # the request's output cap (0: unknown)
+    prompt_token_ids: list[int] = field(default_factory=list)   # given: reuse a cached prefix of them
+    cache_salt: str | None = None  # the request's prefix-cache salt (SamplingParams.cache_salt)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class ReserveReply:
     request_id: str
     ok: bool
     free_blocks: int
+    num_cached_tokens: int = 0     # leading prompt tokens whose KV the decode worker already holds
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class PrefillRequest:
     params: dict[str, Any]
     dest_rank: int                 # decode worker's rank in the KV group
     predicted_len: float = 0.0     # the router's predicted response length (0: none)
+    num_dest_cached_tokens: int = 0   # leading prompt tokens the decode worker holds (ReserveReply): not sent
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,9 @@ class TransferPlan:
     src_rank: int
     plan_id: int                   # per (src, dst) pair, consecutive: the order of the KV messages
     request_ids: list[str]
-    num_tokens: list[int]          # prompt tokens of each request, in payload order
+    num_tokens: list[int]          # prompt tokens sent for each request, in payload order
     codec: str
+    start_tokens: list[int] = field(default_factory=list)   # first position sent per request (empty: all 0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,8 @@ class WorkerLoad:
     total_blocks: int
     committed_blocks: int = 0      # decode: KV promised to its requests beyond what they hold (the ledger)
     prefill_s_per_token: float = 0.0   # measured prefill cost (moving average; 0: not measured yet)
+    prefix_cache_queries: int = 0  # tokens looked up in this worker's prefix cache (cumulative)
+    prefix_cache_hits: int = 0     # of which found there: not computed (prefill) or not transferred (decode)
 
 
 _TYPES = {c.__name__: c for c in (Handshake, Reserve, ReserveReply, PrefillRequest, TransferPlan, PlanDone,

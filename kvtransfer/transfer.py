@@ -3,8 +3,10 @@
 One TransferPlan covers the requests of one prefill batch bound for one decode rank.
 Its wire format is one message per layer, in layer order:
 
-    layer l message = codec.encode(kv_l),   kv_l: [2, T, Hkv, D],  T = sum of the plan's prompt lengths
-                      (K then V; requests concatenated in plan order, tokens in position order)
+    layer l message = codec.encode(kv_l),   kv_l: [2, T, Hkv, D],  T = sum of the plan's num_tokens
+                      (K then V; requests concatenated in plan order, tokens in position order;
+                      request i sends positions start_i .. P_i - 1, start_i = the prefix its decode
+                      worker already holds, 0 without prefix caching)
 
 Sender (prefill): right after layer l has written its KV into the prefill's paged cache,
 gather the plan's slots into kv_l, encode, isend. NCCL runs the send on its own stream,
@@ -29,10 +31,13 @@ from kvtransfer.channel import KVChannel
 
 
 def slot_mapping(block_tables: list[list[int]], num_tokens: list[int], block_size: int,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, starts: list[int] | None = None) -> torch.Tensor:
+    """Slots of positions start .. start + n - 1 of each request (start 0 unless given: a prefix
+    the decode worker already holds is not sent)."""
     slots = []
-    for table, n in zip(block_tables, num_tokens):
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(n))
+    for i, (table, n) in enumerate(zip(block_tables, num_tokens)):
+        s = starts[i] if starts else 0
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s, s + n))
     return torch.tensor(slots, dtype=torch.long).to(device)
 
 

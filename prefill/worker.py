@@ -47,6 +47,7 @@ class PrefillWorker:
         self.codec = codec
         self.send_control = send_control
         self.dest: dict[str, int] = {}
+        self.dest_cached: dict[str, int] = {}    # leading prompt tokens the decode side holds: not sent
         self.orig_params: dict[str, dict] = {}
         self.next_plan_id: dict[int, int] = defaultdict(int)
         self.inbox: queue.Queue = queue.Queue()
@@ -69,8 +70,10 @@ class PrefillWorker:
     def load(self) -> WorkerLoad:
         queued = sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.waiting))
         queued += sum(r.num_tokens - r.num_computed_tokens for r in list(self.scheduler.running))
+        pc = self.scheduler.prefix_stats
         return WorkerLoad(self.rank, "prefill", self.scheduler.num_running, self.scheduler.num_waiting + self.inbox.qsize(),
-                          queued, self.bm.num_free_blocks, self.bm.num_blocks, prefill_s_per_token=self.s_per_token)
+                          queued, self.bm.num_free_blocks, self.bm.num_blocks, prefill_s_per_token=self.s_per_token,
+                          prefix_cache_queries=pc.queries, prefix_cache_hits=pc.hits)
 
     # ------------------------------------------------------------------ engine thread
     def _drain_inbox(self, block: bool) -> None:
@@ -86,12 +89,14 @@ class PrefillWorker:
                     try:
                         self.scheduler.add(req)
                         self.dest[m.request_id] = m.dest_rank
+                        self.dest_cached[m.request_id] = m.num_dest_cached_tokens
                         self.orig_params[m.request_id] = m.params
                     except ValueError as e:
                         errors.append(TokenOutput(m.request_id, [], len(m.prompt_token_ids), 0, "error", error=str(e)))
                 elif kind == "abort":
                     if self.scheduler.abort(payload) is not None:
                         self.dest.pop(payload, None)
+                        self.dest_cached.pop(payload, None)
                         self.orig_params.pop(payload, None)
                 item = self.inbox.get_nowait()
         except queue.Empty:
@@ -114,10 +119,13 @@ class PrefillWorker:
             pid = self.next_plan_id[dest]
             self.next_plan_id[dest] += 1
             rids = [s.request.request_id for s in items]
-            ntok = [s.request.num_prompt_tokens for s in items]
+            # positions start..P-1: the decode worker already holds the first `start` (prefix cache)
+            starts = [min(self.dest_cached.get(r, 0), s.request.num_prompt_tokens - 1) for r, s in zip(rids, items)]
+            ntok = [s.request.num_prompt_tokens - st for s, st in zip(items, starts)]
             plans[dest] = (pid, rids, items)
-            self.send_control(dest, TransferPlan(self.rank, pid, rids, ntok, self.codec.name))
-            slots = slot_mapping([s.block_table for s in items], ntok, self.bm.block_size, self.runner.device)
+            self.send_control(dest, TransferPlan(self.rank, pid, rids, ntok, self.codec.name, start_tokens=starts))
+            slots = slot_mapping([s.block_table for s in items], ntok, self.bm.block_size, self.runner.device,
+                                 starts=starts)
             sends.append(_SendPlan(dest, slots))
         self.sender.begin(sends)
         t0 = time.perf_counter()
@@ -140,6 +148,7 @@ class PrefillWorker:
                                         [list(lp)] if lp is not None else []))
         for req in finished:
             self.dest.pop(req.request_id, None)
+            self.dest_cached.pop(req.request_id, None)
             self.orig_params.pop(req.request_id, None)
         self._emit(outs)
 

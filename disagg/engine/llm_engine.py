@@ -12,6 +12,7 @@ import itertools
 from dataclasses import replace
 
 from decode.block_manager import BlockManager
+from decode.prefix_cache import block_hashes
 from decode.scheduler import Scheduler
 from disagg.config import EngineConfig, ModelConfig
 from disagg.engine.detokenizer import IncrementalDetokenizer
@@ -50,6 +51,7 @@ class LLMEngine:
                                                                               float(r.params.max_tokens)))
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
+        self._reserved_prefix: dict[str, int] = {}   # reserved request id -> prompt tokens held from the cache
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
@@ -93,10 +95,32 @@ class LLMEngine:
                              f"of {self.max_model_len} tokens")
         return self.block_manager.allocate_slots(request_id, num_prompt_tokens + 1) is not None
 
+    def reserve_prefix(self, request_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> int | None:
+        """`reserve`, reusing the cached blocks of the prompt's longest cached prefix (full blocks, never
+        the whole prompt). Returns how many leading prompt tokens are already held here, whose KV need
+        not be sent, or None (nothing held) if full. Counted in the scheduler's prefix_stats."""
+        n = len(prompt_token_ids)
+        if request_id in self.requests or self.block_manager.has(request_id):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the maximum context length "
+                             f"of {self.max_model_len} tokens")
+        bm = self.block_manager
+        hit = bm.lookup(block_hashes(prompt_token_ids, bm.block_size, cache_salt, limit=(n - 1) // bm.block_size)) \
+            if bm.enable_prefix_caching else []
+        if bm.allocate_slots(request_id, n + 1, hit) is None:
+            return None
+        cached = len(hit) * bm.block_size
+        if bm.enable_prefix_caching:
+            self.scheduler.prefix_stats.record(n, cached)
+        self._reserved_prefix[request_id] = cached
+        return cached
+
     def release(self, request_id: str) -> None:
         """Drop a reservation whose request never arrived."""
         if request_id not in self.requests:
             self.block_manager.free(request_id)
+            self._reserved_prefix.pop(request_id, None)
 
     def block_table(self, request_id: str) -> list[int]:
         return self.block_manager.block_table(request_id)
@@ -104,14 +128,16 @@ class LLMEngine:
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
                       params: SamplingParams, kv_ok: bool = True) -> RequestOutput | None:
         """Join a request whose prompt KV sits in its reserved blocks (kv_ok) and whose first token
-        was sampled by the prefill worker. Without valid KV the prompt is recomputed here.
-        Returns an output only if the first token already ends it."""
+        was sampled by the prefill worker. Without valid KV the prompt is recomputed here, after the
+        prefix this worker held already (reserve_prefix). Returns an output only if the first token
+        already ends it."""
         room = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens > room:
             params = replace(params, max_tokens=max(room, 1))
         req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids)
         req.output_token_ids.append(first_token)
-        req.num_computed_tokens = len(prompt_token_ids) if kv_ok else 0
+        cached = self._reserved_prefix.pop(request_id, 0)
+        req.num_computed_tokens = len(prompt_token_ids) if kv_ok else cached
         self.requests[request_id] = req
         self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
         if self.detokenize:

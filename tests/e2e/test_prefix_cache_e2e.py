@@ -103,8 +103,9 @@ def test_preemption_with_cache_equals_alone(model_dir):
     prompts = [_tokens(20, 20) for _ in range(4)]
     shared = _tokens(21, 16)
     prompts = [shared + p for p in prompts]
-    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    alone = [_engine(model_dir, False).generate([p], params)[0].output_token_ids for p in prompts]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = _engine(model_dir, False)
+    alone = [ref.generate([p], params)[0].output_token_ids for p in prompts]   # one at a time
     eng = _engine(model_dir, True, budget=64, num_blocks=40)
     reqs = eng.generate(prompts, params)
     assert sum(r.num_preemptions for r in reqs) > 0
