@@ -43,6 +43,10 @@ class Metrics:
         """KV-transfer totals reported by the workers (disaggregated mode), exported as counters."""
         self.registry.register(_TransferCollector(self.model_name, read))
 
+    def add_prefix_cache_source(self, read: Callable[[], list[dict]]) -> None:
+        """Prefix-cache counters per worker: read() -> [{"worker", "role", "queries", "hits"}], tokens."""
+        self.registry.register(_PrefixCacheCollector(self.model_name, read))
+
     def finished(self, reason: str) -> None:
         self.request_success.labels(self.model_name, reason).inc()
 
@@ -69,4 +73,21 @@ class _TransferCollector:
                                 "Requests prefilled on their decode worker (conditional disaggregation: no transfer).")):
             c = CounterMetricFamily(f"disagg:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], t.get(key, 0))
+            yield c
+
+
+class _PrefixCacheCollector:
+    """vLLM's prefix_cache_queries / prefix_cache_hits (tokens), one series per worker."""
+
+    def __init__(self, model_name: str, read: Callable[[], list[dict]]):
+        self.model_name, self.read = model_name, read
+
+    def collect(self):
+        rows = self.read() or []
+        for key, doc in (("queries", "Prompt tokens looked up in the prefix cache, per worker."),
+                         ("hits", "Of the prompt tokens looked up, those found in the prefix cache (not computed, "
+                                  "or on a decode worker not transferred), per worker.")):
+            c = CounterMetricFamily(f"disagg:prefix_cache_{key}", doc, labels=["model_name", "worker", "role"])
+            for r in rows:
+                c.add_metric([self.model_name, str(r["worker"]), r["role"]], r.get(key, 0))
             yield c

@@ -6,7 +6,9 @@ router, the decode scheduler and the simulator run the very same code.
 
     ordering   which queued request goes next      OrderingPolicy: FCFS, ShortestPredictedFirst
     dispatch   which workers take it               decode_preference, pick_prefill,
-                                                   should_prefill_locally
+                                                   should_prefill_locally (all three weigh
+                                                   the prefix each worker holds, if told:
+                                                   router/prefix_index.py)
     reserve    how much decode KV it is promised   reserved_blocks
 
 Units: lengths in tokens, KV in blocks, times in seconds.
@@ -163,7 +165,8 @@ def reserved_blocks(prompt_tokens: int, predicted_len: float, generated: int, bl
 # ====================================================================== dispatch
 def decode_preference(loads: list[WorkerLoad], need_blocks: int = 0, *, prompt_tokens: int = 0,
                       predicted_len: float | None = None, block_size: int | None = None,
-                      committed: Mapping[int, int] | None = None) -> list[int]:
+                      committed: Mapping[int, int] | None = None,
+                      cached_blocks: Mapping[int, int] | None = None) -> list[int]:
     """Decode ranks that can take the request now, most free KV after the reservation first.
 
     The request needs `need_blocks`, or, when `predicted_len` is given, at least
@@ -175,28 +178,48 @@ def decode_preference(loads: list[WorkerLoad], need_blocks: int = 0, *, prompt_t
         free_blocks - committed[rank] >= need
 
     and qualifying ranks come by most headroom left after this reservation (ties: lower rank).
+
+    `cached_blocks[rank]` (default 0): blocks of this prompt the rank already holds (its prefix
+    cache). They need no transfer and, while another request uses them, no new memory, so in the
+    ranking they count as headroom: a conversation goes back to the worker holding its history
+    unless another worker has more room than that by more than the history's size. (They do not
+    make a rank qualify: evictable blocks are already counted in free_blocks.)
     """
     need = need_blocks
     if predicted_len is not None:
         if block_size is None:
             raise ValueError("block_size is needed to reserve a predicted length")
         need = max(need, reserved_blocks(prompt_tokens, predicted_len, 0, block_size))
-    committed = committed or {}
+    committed, cached = committed or {}, cached_blocks or {}
     left = {w.rank: w.free_blocks - committed.get(w.rank, 0) - need for w in loads}
     ok = [w for w in loads if left[w.rank] >= 0]
-    return [w.rank for w in sorted(ok, key=lambda w: (-left[w.rank], w.rank))]
+    return [w.rank for w in sorted(ok, key=lambda w: (-(left[w.rank] + cached.get(w.rank, 0)), w.rank))]
 
 
-def pick_prefill(loads: list[WorkerLoad]) -> int:
-    """The prefill rank with the fewest queued prompt tokens (ties: fewer requests, lower rank)."""
+def pick_prefill(loads: list[WorkerLoad], prompt_tokens: int = 0,
+                 cached_tokens: Mapping[int, int] | None = None) -> int:
+    """The prefill rank that would finish this prompt first (ties: fewer requests, lower rank).
+
+    Work ahead of the prompt's first token on rank p, in tokens:
+
+        queued_prompt_tokens(p) + prompt_tokens - cached_tokens[p]
+
+    where cached_tokens[p] (default 0) is the prefix of this prompt that p holds in its prefix
+    cache. So cache overlap and load are weighed in one unit: a worker holding a 1,000-token
+    system prompt wins unless its queue is more than 1,000 tokens longer. Without cached_tokens
+    this is the least-loaded pick (fewest queued prompt tokens).
+    """
     if not loads:
         raise ValueError("no prefill worker")
-    return min(loads, key=lambda w: (w.queued_prompt_tokens, w.num_running + w.num_waiting, w.rank)).rank
+    cached = cached_tokens or {}
+    return min(loads, key=lambda w: (w.queued_prompt_tokens + prompt_tokens - cached.get(w.rank, 0),
+                                     w.num_running + w.num_waiting, w.rank)).rank
 
 
 def should_prefill_locally(prompt_tokens: int, decode_load: WorkerLoad, prefill_loads: list[WorkerLoad],
                            transfer_cost_per_token_s: float, prefill_cost_per_token_s: float,
-                           threshold_tokens: int) -> bool:
+                           threshold_tokens: int, *, decode_cached_tokens: int = 0,
+                           prefill_cached_tokens: Mapping[int, int] | None = None) -> bool:
     """Conditional disaggregation: prefill on the chosen decode worker instead of the prefill pool?
 
     Estimated time to first token, linear in tokens (c = prefill_cost_per_token_s,
@@ -218,11 +241,23 @@ def should_prefill_locally(prompt_tokens: int, decode_load: WorkerLoad, prefill_
     and a long prompt goes local only when the prefill pool is backed up by more than
     the transfer saves plus the stall it imposes. With no prefill worker, always local.
     The linear cost ignores attention's quadratic term; it is a dispatch estimate.
+
+    With prefix caching only uncached tokens count: D = decode_cached_tokens (the prefix the
+    decode worker holds: neither computed there nor transferred), C_p = prefill_cached_tokens[p]:
+
+        remote = min_p (queued(p) + P - C_p) * c  +  (P - D) * x
+        local  = (queued(decode) + P - D) * c  +  num_running(decode) * max(0, P - D - threshold) * c
+
+    so the next turn of a conversation whose history the decode worker kept is cheap to prefill
+    there (only the new message), even when the message is long.
     """
     if not prefill_loads:
         return True
     c, x, p = prefill_cost_per_token_s, transfer_cost_per_token_s, prompt_tokens
-    remote = min(w.queued_prompt_tokens for w in prefill_loads) * c + p * (c + x)
-    stall = decode_load.num_running * max(0, p - threshold_tokens) * c
-    local = (decode_load.queued_prompt_tokens + p) * c + stall
+    cached = prefill_cached_tokens or {}
+    d = min(max(decode_cached_tokens, 0), p)
+    remote = min(w.queued_prompt_tokens + p - min(cached.get(w.rank, 0), p) for w in prefill_loads) * c \
+        + (p - d) * x
+    stall = decode_load.num_running * max(0, p - d - threshold_tokens) * c
+    local = (decode_load.queued_prompt_tokens + p - d) * c + stall
     return local < remote

@@ -52,6 +52,11 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
+    def prefix_cache_stats(self) -> list[dict]:
+        """Prefix-cache counters for /metrics (ints written by the engine thread, read as they are)."""
+        pc = self.engine.scheduler.prefix_stats
+        return [{"worker": 0, "role": "colocated", "queries": pc.queries, "hits": pc.hits}]
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
