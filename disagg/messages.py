@@ -138,8 +138,16 @@ class WorkerLoad:
     prefix_cache_hits: int = 0     # of which found there: not computed (prefill) or not transferred (decode)
 
 
+@dataclass(frozen=True)
+class RingStep:
+    """Prefill leader -> each of its context-parallel helpers: prefill this prompt together, now
+    (prefill/ring_worker.py). Helpers run steps in step_id order (consecutive per leader)."""
+    step_id: int
+    prompt_token_ids: list[int]
+
+
 _TYPES = {c.__name__: c for c in (Handshake, Reserve, ReserveReply, PrefillRequest, TransferPlan, PlanDone,
-                                  TokenOutput, WorkerLoad)}
+                                  TokenOutput, WorkerLoad, RingStep)}
 
 
 def encode(msg) -> bytes:

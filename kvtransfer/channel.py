@@ -8,6 +8,12 @@ communicator's operations in issue order on one stream):
     world  = {p0, p1, d0, d1}
     groups = {(p0,d0), (p0,d1), (p1,d0), (p1,d1)}     created in this order on every rank
 
+With context parallelism (--prefill-cp C > 1) each prefill worker p also has C-1 helper
+ranks, numbered after the decode ranks, and one group {p, its helpers} for ring attention
+(p is the group's rank 0, the leader; only the leader talks to decode ranks):
+
+    P=1, D=1, C=2:  world = {p0, d1, h2};  pairs = {(p0,d1)};  cp groups = {(p0,h2)}
+
 Within a pair, messages are matched in issue order; the sender and the receiver both
 follow the plan order (TransferPlan.plan_id), so no tags are needed for NCCL. gloo
 gets the layer index as its tag as a second guard.
@@ -33,10 +39,11 @@ class ChannelConfig:
     init_method: str             # tcp://HOST:PORT of the store (hosted by rank 0)
     backend: str | None = None   # None: nccl when the device is CUDA, else gloo
     timeout_s: float = 600.0
+    prefill_cp: int = 1          # ranks per prefill worker (context parallelism): the leader + helpers
 
     @property
     def world_size(self) -> int:
-        return self.num_prefill + self.num_decode
+        return self.num_prefill * self.prefill_cp + self.num_decode
 
     @property
     def prefill_ranks(self) -> list[int]:
@@ -44,7 +51,12 @@ class ChannelConfig:
 
     @property
     def decode_ranks(self) -> list[int]:
-        return list(range(self.num_prefill, self.world_size))
+        return list(range(self.num_prefill, self.num_prefill + self.num_decode))
+
+    def cp_ranks(self, prefill_rank: int) -> list[int]:
+        """The context-parallel group of a prefill worker: itself (the leader), then its helpers."""
+        first = self.num_prefill + self.num_decode + prefill_rank * (self.prefill_cp - 1)
+        return [prefill_rank] + list(range(first, first + self.prefill_cp - 1))
 
 
 class _WaitedWork:
@@ -116,6 +128,12 @@ class KVChannel:
                 g = dist.new_group([p, d])
                 if cfg.rank in (p, d):
                     self.groups[(p, d)] = g
+        self.cp_group: dist.ProcessGroup | None = None     # this rank's ring group, if any
+        if cfg.prefill_cp > 1:
+            for p in cfg.prefill_ranks:
+                g = dist.new_group(cfg.cp_ranks(p))
+                if cfg.rank in cfg.cp_ranks(p):
+                    self.cp_group = g
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiters: dict[tuple[str, int], _Waiter] = {}
@@ -162,6 +180,8 @@ class KVChannel:
                 self.isend(t, d, tag=999).wait()
             else:
                 self.irecv(t, p, tag=999).wait()
+        if self.cp_group is not None:      # the ring group's communicator, now rather than on a prompt
+            dist.barrier(group=self.cp_group)
         self._sync()
         self.bytes_sent = self.bytes_received = 0
 

@@ -30,7 +30,8 @@ class WorkerActor:
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         return f"tcp://{host}:{free_port('127.0.0.1' if loopback else '0.0.0.0')}"
 
-    def setup(self, engine_cfg: dict, num_prefill: int, num_decode: int, init_method: str, torch_threads: int) -> str:
+    def setup(self, engine_cfg: dict, num_prefill: int, num_decode: int, init_method: str, torch_threads: int,
+              prefill_cp: int = 1) -> str:
         import torch
 
         from disagg.deploy.config_codec import engine_config_from_dict
@@ -38,8 +39,9 @@ class WorkerActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.cfg = engine_config_from_dict(engine_cfg)
-        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method),
+        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp),
                                  self.cfg.torch_device)
+        self.cp_group = self.channel.cp_group          # context parallelism: {prefill leader, its helpers}
         self.channel.warmup()
         return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()})"
 
@@ -61,7 +63,8 @@ class WorkerActor:
         return encode(make_handshake(mc, str(self.cfg.torch_dtype).removeprefix("torch."),
                                      self.cfg.cache.block_size, codec))
 
-    def start(self, codec_name: str, decode_handles: dict) -> str:
+    def start(self, codec_name: str, decode_handles: dict, ring: dict | None = None) -> str:
+        """ring (a prefill leader with --prefill-cp > 1): {"helpers": [helper actors], "min_tokens": n}."""
         from kvtransfer.codec import get_codec
         codec = get_codec(codec_name)
         if self.role == "prefill":
@@ -69,7 +72,16 @@ class WorkerActor:
             from prefill.worker import PrefillWorker
             handles = {int(k): v for k, v in decode_handles.items()}
             send = lambda dest, msg: handles[dest].control.remote(encode(msg))  # noqa: E731
-            self.worker = PrefillWorker(self.cfg, self.rank, self.channel, codec, send)
+            if ring:      # context parallelism: long prompts are prefilled by this worker and its helpers
+                from prefill.ring_worker import RingPrefillWorker
+                step = lambda msg: [h.ring_step.remote(encode(msg)) for h in ring["helpers"]]  # noqa: E731
+                self.worker = RingPrefillWorker(self.cfg, self.rank, self.channel, codec, send, self.cp_group, step,
+                                                ring["min_tokens"])
+            else:
+                self.worker = PrefillWorker(self.cfg, self.rank, self.channel, codec, send)
+        elif self.role == "prefill_cp":
+            from prefill.ring_worker import RingHelper
+            self.worker = RingHelper(self.cfg, self.rank, self.cp_group)
         else:
             from decode.worker import DecodeWorker
             self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec)
@@ -86,6 +98,10 @@ class WorkerActor:
             traceback.print_exc()
 
     # ------------------------------------------------------------------ control plane
+    def ring_step(self, data: bytes) -> None:
+        from disagg.messages import RingStep, decode
+        self.worker.submit(decode(data, RingStep))
+
     def submit(self, data: bytes) -> None:
         from disagg.messages import PrefillRequest, decode
         self.worker.submit(decode(data, PrefillRequest))
@@ -119,7 +135,8 @@ class WorkerActor:
         return {"bytes_raw": s.bytes_raw, "bytes_wire": s.bytes_wire, "seconds": s.seconds, "plans": s.plans,
                 "failures": s.failures,
                 "fallbacks": getattr(self.worker, "fallbacks", 0),
-                "local_prefills": getattr(self.worker, "local_prefills", 0)}
+                "local_prefills": getattr(self.worker, "local_prefills", 0),
+                "ring_prefills": getattr(self.worker, "ring_prefills", 0)}
 
     def check_integrity(self) -> bool:
         bm = self.worker.bm if self.role == "prefill" else self.worker.engine.block_manager

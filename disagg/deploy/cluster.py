@@ -55,6 +55,8 @@ class ClusterConfig:
     use_gpus: bool | None = None        # None: when the Ray cluster has GPUs
     local_prefill: str = "auto"         # auto: cost-based (should_prefill_locally); never; always
     local_prefill_threshold: int = 256  # prompt tokens that ride along a decode step almost free
+    prefill_cp: int = 1                 # GPUs per prefill worker: prompts >= prefill_cp_min_tokens use ring attention
+    prefill_cp_min_tokens: int = 4096
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -67,6 +69,8 @@ class ClusterConfig:
             raise ValueError("--local-prefill never needs a prefill pool (--prefill >= 1)")
         if self.local_prefill_threshold < 0:
             raise ValueError("--local-prefill-threshold must be >= 0")
+        if self.prefill_cp < 1 or self.prefill_cp_min_tokens < 1:
+            raise ValueError("--prefill-cp and --prefill-cp-min-tokens must be at least 1")
 
 
 @dataclass
@@ -103,6 +107,7 @@ class DisaggEngine:
         self.local_prefills = 0
         self.codec_ratio = 1.0
         self.pg = None
+        self.helpers: dict = {}           # rank -> context-parallel helper actor (no router traffic)
         mc = ModelConfig.from_dir(cfg.engine.model_dir)
         self._kv_bytes_per_token = mc.kv_bytes_per_token(cfg.engine.torch_dtype)   # raw; the codec scales it
         self._num_params = mc.num_params
@@ -122,8 +127,8 @@ class DisaggEngine:
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= c.num_prefill + c.num_decode
-        n = c.num_prefill + c.num_decode
+        use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= c.num_prefill * c.prefill_cp + c.num_decode
+        n = c.num_prefill * c.prefill_cp + c.num_decode     # ranks P+D.. : the prefill workers' ring helpers
         if use_gpu and gpus < n:
             raise RuntimeError(f"{n} workers need {n} GPUs; the Ray cluster has {gpus:g}")
         ecfg = c.engine if use_gpu else _cpu_engine(c.engine)
@@ -135,7 +140,8 @@ class DisaggEngine:
             self.pg = placement_group([{"GPU": 1, "CPU": 1}] * n, strategy="PACK")
             ray.get(self.pg.ready(), timeout=120)
         for rank in range(n):
-            role = "prefill" if rank < c.num_prefill else "decode"
+            role = ("prefill" if rank < c.num_prefill else "decode" if rank < c.num_prefill + c.num_decode
+                    else "prefill_cp")
             if use_gpu:
                 opts = dict(num_gpus=1, num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank))
@@ -143,12 +149,13 @@ class DisaggEngine:
                 opts = dict(num_gpus=0, num_cpus=0)
             self.actors[rank] = WorkerActor.options(**opts).remote(role, rank)
         self.prefill_ranks = list(range(c.num_prefill))
-        self.decode_ranks = list(range(c.num_prefill, n))
+        self.decode_ranks = list(range(c.num_prefill, c.num_prefill + c.num_decode))
         init = ray.get(self.actors[0].address.remote(c.address is None))
         threads = 0 if use_gpu else 1
-        for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads)
-                             for a in self.actors.values()]):
+        for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads,
+                                            c.prefill_cp) for a in self.actors.values()]):
             self.log(f"  {line}")
+        self.helpers = {r: self.actors.pop(r) for r in range(c.num_prefill + c.num_decode, n)}
         self._choose_codec()
         hs = {r: decode(b) for r, b in zip(self.actors, ray.get([a.handshake.remote(self.codec)
                                                                   for a in self.actors.values()]))}
@@ -156,9 +163,20 @@ class DisaggEngine:
             for d in self.decode_ranks:
                 check_compatible(hs[p], hs[d])
         handles = {d: self.actors[d] for d in self.decode_ranks}
-        for line in ray.get([a.start.remote(self.codec, handles if r in self.prefill_ranks else {})
-                             for r, a in self.actors.items()]):
+        for line in ray.get([a.start.remote(self.codec, handles if r in self.prefill_ranks else {},
+                                            ring=self._ring_of(r))
+                             for r, a in self.actors.items()] + [h.start.remote(self.codec, {})
+                                                                 for h in self.helpers.values()]):
             self.log(f"  {line}")
+
+    def _ring_of(self, rank: int) -> dict | None:
+        """A prefill worker's helpers (ranks P + D + p*(cp-1) ..., as kvtransfer.channel numbers them)."""
+        c = self.cfg
+        if c.prefill_cp == 1 or rank not in self.prefill_ranks:
+            return None
+        first = c.num_prefill + c.num_decode + rank * (c.prefill_cp - 1)
+        return {"helpers": [self.helpers[first + j] for j in range(c.prefill_cp - 1)],
+                "min_tokens": c.prefill_cp_min_tokens}
 
     def _choose_codec(self) -> None:
         c = self.cfg
@@ -206,7 +224,7 @@ class DisaggEngine:
             ray.get([a.stop.remote() for a in self.actors.values()], timeout=timeout)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
-        for a in self.actors.values():
+        for a in [*self.actors.values(), *self.helpers.values()]:
             ray.kill(a)
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group

@@ -93,3 +93,52 @@ def _ring_prefill_checks(rank: int, world: int, model_dir: str, lengths: list[in
 ])
 def test_ring_prefill_equals_single_device(tiny_ckpts, world, cases):
     run_ranks(_ring_prefill_body, world, [(tiny_ckpts(v), lengths) for v, lengths in cases], 8)
+
+
+# ---------------------------------------------------------------------- serving: disagg serve --prefill-cp 2
+def test_ring_prefill_through_ray_equals_colocated(tiny_ckpts):
+    """`--prefill 1 --prefill-cp 2 --decode 1` on Ray CPU actors (gloo): prompts of >= 16 tokens are
+    prefilled by the leader and its helper with ring attention, shorter ones by the leader alone;
+    every generation equals the colocated engine's."""
+    pytest.importorskip("ray")
+    import asyncio
+    import uuid
+
+    import ray
+
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    from disagg.deploy.cluster import ClusterConfig, DisaggEngine
+    from disagg.model.tokenizer import Tokenizer
+    d = tiny_ckpts("llama_gqa")
+    prompts = [_prompt(n, seed=n) for n in (5, 17, 70, 33)]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (6, 9, 5, 8)]
+    params[3] = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    colocated = make_engine(d).generate(prompts, params)
+    ecfg = EngineConfig(d, device="cpu", cache=CacheConfig(block_size=4, num_blocks=256),
+                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
+    eng = DisaggEngine(ClusterConfig(ecfg, 1, 1, kv_codec="none", use_gpus=False, local_prefill="never",
+                                     prefill_cp=2, prefill_cp_min_tokens=16), Tokenizer(d), log=lambda *a: None)
+    eng.launch()
+
+    async def run_all():
+        eng.start()
+
+        async def one(p, sp):
+            toks = []
+            async for out in eng.generate(p, sp, uuid.uuid4().hex):
+                toks.extend(out.new_token_ids)
+            return toks
+        try:
+            return await asyncio.gather(*[one(p, sp) for p, sp in zip(prompts, params)])
+        finally:
+            for t in eng._tasks:
+                t.cancel()
+    try:
+        assert len(eng.helpers) == 1
+        results = asyncio.run(run_all())
+        stats = ray.get(eng.actors[0].transfer_stats.remote())
+        eng.check_integrity()
+    finally:
+        eng.stop()
+    assert results == [r.output_token_ids for r in colocated]
+    assert stats["ring_prefills"] == 3            # 17, 70 and 33 tokens went around the ring; 5 did not
