@@ -145,7 +145,8 @@ def launch_cluster(args):
         ecfg = engine_config(args, model_dir)
         ccfg = ClusterConfig(ecfg, num_prefill=args.prefill or 0, num_decode=args.decode, kv_codec=args.kv_codec,
                              address=args.address, local_prefill=args.local_prefill,
-                             local_prefill_threshold=args.local_prefill_threshold)
+                             local_prefill_threshold=args.local_prefill_threshold, prefill_cp=args.prefill_cp,
+                             prefill_cp_min_tokens=args.prefill_cp_min_tokens)
         mc = ModelConfig.from_dir(model_dir)
         tok = Tokenizer(model_dir)
     except (ValueError, FileNotFoundError) as e:
@@ -288,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefill pool); never: always use the prefill pool; always: never transfer")
     s.add_argument("--local-prefill-threshold", type=int, default=256,
                    help="prompt tokens a decode step absorbs almost free (auto mode's stall model)")
+    s.add_argument("--prefill-cp", type=int, default=1,
+                   help="GPUs per prefill worker (context parallelism): a prompt of at least --prefill-cp-min-tokens "
+                        "is split across them and prefilled with ring attention")
+    s.add_argument("--prefill-cp-min-tokens", type=int, default=4096,
+                   help="shortest prompt prefilled with ring attention (shorter ones use the first GPU alone)")
     s.add_argument("--kv-codec", default="auto", choices=["auto", "none", "fp8", "int8", "int4"],
                    help="KV compression between prefill and decode (auto: fastest handoff on the measured "
                         "link among the lossless and 8-bit codecs)")
