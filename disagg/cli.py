@@ -1,4 +1,4 @@
-"""The `disagg` command: generate, serve, demo. Flags follow vLLM's names where one exists."""
+"""The `disagg` command: generate, serve, demo, bench. Flags follow vLLM's names where one exists."""
 from __future__ import annotations
 
 import argparse
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("chat", help="terminal chat client that streams from a server (disagg chat --help)")
     sub.add_parser("predictor", help="response-length predictor tools (disagg predictor train --help)")
+    from disagg.bench.cli import register as register_bench
+    register_bench(sub)
     return ap
 
 
