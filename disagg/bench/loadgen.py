@@ -127,12 +127,12 @@ async def send(session, target: Target, q: BenchRequest, res: RequestResult, t_r
     try:
         async with session.post(target.url, json=target.body(q), headers=target.headers()) as r:
             if r.status != 200:
-                text = (await r.text())[:300]
+                text = await r.text()
                 try:
-                    text = json.loads(text)["error"]["message"][:200]
+                    text = json.loads(text)["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     pass
-                res.error = f"HTTP {r.status}: {text}"
+                res.error = f"HTTP {r.status}: {str(text)[:200]}"
                 return
             async for raw in r.content:
                 line = raw.strip()
