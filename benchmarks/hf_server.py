@@ -39,7 +39,7 @@ def load_model(path: str, load_format: str, device: str, dtype: str):
                 model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
             except TypeError:       # transformers 4.x names it torch_dtype
                 model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch_dtype)
-        model = model.to(torch_dtype)
+        model = model.to(device=device, dtype=torch_dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     return model.eval()
