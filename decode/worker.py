@@ -18,6 +18,13 @@ Lifecycle of a request here (deadlines are the router's; see router.dispatch):
 An abort while RECEIVING keeps the blocks until the plan lands (a receive in flight
 still scatters into them), then frees them.
 
+Failures (every request ends; none is served from corrupt or partial KV):
+    checksum mismatch       the KV is discarded and the prompt recomputed here
+    receive failed          (the prefill peer is gone) reservation freed, "retry" to the router
+    not landed in time      (transfer_timeout_s) "retry" to the router at once; the blocks stay
+                            held until the receives complete or fail, as for an abort
+    the router re-dispatches a retried request (prompt + tokens so far) to a live worker.
+
 A request the router chose to prefill here (conditional disaggregation: PrefillRequest
 with dest_rank == this rank) skips RESERVED/RECEIVING: it joins the engine's WAITING
 queue with its prompt and is prefilled in this worker's own (chunked) batches.
@@ -45,8 +52,9 @@ from router.policy import reserved_blocks
 
 
 class DecodeWorker:
-    def __init__(self, cfg: EngineConfig, rank: int, channel, codec):
+    def __init__(self, cfg: EngineConfig, rank: int, channel, codec, transfer_timeout_s: float = 30.0):
         self.rank = rank
+        self.transfer_timeout_s = transfer_timeout_s
         self.engine = LLMEngine(cfg, detokenize=False)
         r = self.engine.runner
         mc = self.engine.model_cfg
@@ -122,7 +130,7 @@ class DecodeWorker:
     def _abort(self, rid: str) -> None:
         if rid in self.reserved:
             self.aborted.add(rid)           # freed when its plan lands (or now, if none is in flight)
-            in_flight = any(rid in p.request_ids for p in self.receiver.pending) or any(
+            in_flight = any(rid in p.request_ids for p in self.receiver.pending if not p.failed) or any(
                 rid in p.request_ids for plans in self.plans.values() for p in plans.values())
             if not in_flight:
                 self._drop_reservation(rid)
@@ -163,6 +171,22 @@ class DecodeWorker:
         self.aborted.discard(rid)
         self.engine.release(rid)
 
+    def _retry(self, rids, reason: str) -> None:
+        """Tell the router these requests' KV will not be usable here: it dispatches them again."""
+        self._emit([TokenOutput(r, [], 0, 0, "retry", error=reason) for r in rids])
+
+    def _expire_transfers(self) -> None:
+        """A plan not landed within transfer_timeout_s: its requests are retried elsewhere; their blocks
+        stay held (as for an abort) until the receives complete or fail, since they may still land."""
+        now = time.monotonic()
+        for p in self.receiver.pending:
+            if now - p.started > self.transfer_timeout_s and not p.expired:
+                p.expired = True
+                live = [r for r in p.request_ids if r in self.reserved and r not in self.aborted]
+                self._retry(live, f"KV transfer from rank {p.src} timed out after {self.transfer_timeout_s:g}s")
+                for r in live:
+                    self.aborted.add(r)
+
     def _post_ready_plans(self) -> None:
         """Post irecvs for each source's plans strictly in plan_id order (the wire order)."""
         for src, plans in self.plans.items():
@@ -180,9 +204,17 @@ class DecodeWorker:
         outs = []
         for key in list(self.landed):
             done = self.done_msgs.pop(key, None)
-            if done is None:
+            if done is None and self.landed[key][1] is not None:
+                if not any(r in self.reserved for r in self.landed[key][0].request_ids):
+                    del self.landed[key]     # every request of it was aborted meanwhile
                 continue                     # KV is here, first tokens not yet
             pending, ok = self.landed.pop(key)
+            if ok is None:                   # the receive failed (peer gone): nothing usable landed
+                live = [r for r in pending.request_ids if r in self.reserved and r not in self.aborted]
+                for r in pending.request_ids:
+                    self._drop_reservation(r)
+                self._retry(live, f"KV transfer from rank {pending.src} failed")
+                continue
             if not ok:
                 self.fallbacks += len(pending.request_ids)
             for i, rid in enumerate(pending.request_ids):
@@ -209,6 +241,7 @@ class DecodeWorker:
         with self._reserve_lock:
             self._post_ready_plans()
             self._admit_landed()
+            self._expire_transfers()
             outs = self.engine.step() if self.engine.has_unfinished() else []
             self._update_ledger()
         if not outs and self.receiver.pending:

@@ -54,6 +54,7 @@ class TransferStats:
 class _SendPlan:
     dest: int
     slots: torch.Tensor           # [T] slots in the prefill cache
+    failed: bool = False          # a send raised (the peer is gone): the rest of the plan is skipped
 
 
 class KVSender:
@@ -74,11 +75,17 @@ class KVSender:
         kf = k_cache.view(-1, self.h, self.d)
         vf = v_cache.view(-1, self.h, self.d)
         for p in self.plans:
+            if p.failed:
+                continue
             kv = torch.stack((kf[p.slots], vf[p.slots]))            # [2, T, Hkv, D]
             payload = self.codec.encode(kv)
             self.stats.bytes_raw += kv.numel() * kv.element_size()
             self.stats.bytes_wire += payload.numel()
-            self.inflight.append((self.ch.isend(payload, p.dest, tag=layer), payload))
+            try:
+                self.inflight.append((self.ch.isend(payload, p.dest, tag=layer), payload))
+            except Exception:  # noqa: BLE001 - one dead peer must not fail the batch's other plans
+                p.failed = True
+                self.stats.failures += 1
 
     def end(self) -> None:
         self.plans = []
@@ -88,10 +95,13 @@ class KVSender:
         """Drop payloads whose sends completed (all of them when block)."""
         keep = []
         for work, payload in self.inflight:
-            if block:
-                work.wait()
-            elif not work.is_completed():
-                keep.append((work, payload))
+            try:
+                if block:
+                    work.wait()
+                elif not work.is_completed():
+                    keep.append((work, payload))
+            except Exception:  # noqa: BLE001 - the peer is gone; its receiver reports the loss
+                self.stats.failures += 1
         self.inflight = keep
 
 
@@ -107,6 +117,8 @@ class PendingPlan:
     started: float = field(default_factory=time.monotonic)
     next_layer: int = 0
     oks: list[torch.Tensor] = field(default_factory=list)
+    expired: bool = False         # past the receiver's deadline (the decode worker's bookkeeping)
+    failed: bool = False          # a receive raised (peer gone): nothing more will land
 
 
 class KVReceiver:
@@ -135,22 +147,19 @@ class KVReceiver:
             bufs.append(b)
         self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works))
 
-    def poll(self) -> list[tuple[PendingPlan, bool]]:
-        """Decode the layers that landed; return (plan, checksums_ok) for plans now complete."""
+    def poll(self) -> list[tuple[PendingPlan, bool | None]]:
+        """Decode the layers that landed; return (plan, checksums_ok) for plans now complete, and
+        (plan, None) for plans whose receive failed (the peer is gone). Only this method writes
+        into the cache, so a plan dropped here can never scribble on blocks freed afterwards."""
         done = []
         for p in self.pending:
-            T = sum(p.num_tokens)
-            while p.next_layer < len(p.works) and p.works[p.next_layer].is_completed():
-                layer = p.next_layer
-                p.works[layer].wait()     # orders the compute stream after the receive (no host wait)
-                kv, ok = self.codec.decode(p.buffers[layer], (2, T, self.h, self.d), self.dtype)
-                kc, vc = self.kv_caches[layer]
-                self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
-                p.oks.append(ok)
-                self.stats.bytes_wire += p.buffers[layer].numel()
-                self.stats.bytes_raw += kv.numel() * kv.element_size()
-                p.buffers[layer] = None   # free the payload as soon as it is in the cache
-                p.next_layer += 1
+            try:
+                self._drain(p)
+            except Exception:  # noqa: BLE001 - a failed receive (connection closed): the plan is lost
+                p.failed = True
+                self.stats.failures += 1
+                done.append((p, None))
+                continue
             if p.next_layer == len(p.works):
                 ok = bool(torch.stack(p.oks).all()) if p.oks else True   # the one host read per plan
                 self.stats.plans += 1
@@ -162,3 +171,17 @@ class KVReceiver:
             ids = {id(p) for p, _ in done}
             self.pending = [p for p in self.pending if id(p) not in ids]
         return done
+
+    def _drain(self, p: PendingPlan) -> None:
+        T = sum(p.num_tokens)
+        while p.next_layer < len(p.works) and p.works[p.next_layer].is_completed():
+            layer = p.next_layer
+            p.works[layer].wait()     # orders the compute stream after the receive (no host wait)
+            kv, ok = self.codec.decode(p.buffers[layer], (2, T, self.h, self.d), self.dtype)
+            kc, vc = self.kv_caches[layer]
+            self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
+            p.oks.append(ok)
+            self.stats.bytes_wire += p.buffers[layer].numel()
+            self.stats.bytes_raw += kv.numel() * kv.element_size()
+            p.buffers[layer] = None   # free the payload as soon as it is in the cache
+            p.next_layer += 1

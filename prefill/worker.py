@@ -1,12 +1,16 @@
 """Prefill worker: computes prompts, samples the first token, streams the KV to decode workers.
 
-Lifecycle of a request here (deadline: the router's prefill timeout):
+Lifecycle of a request here (its deadline is the decode side's transfer_timeout_s, which
+runs from the TransferPlan; the router's reserve deadline covers the time before):
 
     QUEUED (inbox) ─▶ WAITING ─▶ RUNNING (one or more prefill chunks)
         ─▶ final chunk: TransferPlan sent to the decode rank, KV streamed layer by layer
            during that step's forward, first token sampled
         ─▶ DONE: PlanDone to the decode rank, TokenOutput(first token) to the router,
            blocks freed (the send buffers hold their own copy of the KV)
+        ─▶ or, when a send to the decode rank raised (the peer is gone): "retry" to the
+           router instead, which dispatches the request again; the batch's other plans go on
+    An abort (client gone, or the router gave up on the attempt) frees it in any state.
 
 A prompt longer than the step budget is prefilled in chunks over several steps; only
 its final chunk's step streams KV, and then the whole prompt's KV for each layer.
@@ -138,7 +142,12 @@ class PrefillWorker:
             self.s_per_token = rate if not self.s_per_token else 0.8 * self.s_per_token + 0.2 * rate
         finished = self.scheduler.update(sched, result.sampled)
         outs = []
+        failed = {sp.dest for sp in sends if sp.failed}
         for dest, (pid, rids, items) in plans.items():
+            if dest in failed:               # the decode peer is gone: the router re-dispatches these
+                outs.extend(TokenOutput(r, [], 0, 0, "retry", error=f"KV send to rank {dest} failed")
+                            for r in rids)
+                continue
             first = [result.sampled[r] for r in rids]
             self.send_control(dest, PlanDone(self.rank, pid, first, [self.orig_params[r] for r in rids],
                                              [s.request.prompt_token_ids for s in items]))

@@ -63,10 +63,14 @@ class WorkerActor:
         return encode(make_handshake(mc, str(self.cfg.torch_dtype).removeprefix("torch."),
                                      self.cfg.cache.block_size, codec))
 
-    def start(self, codec_name: str, decode_handles: dict, ring: dict | None = None) -> str:
+    def start(self, codec_name: str, decode_handles: dict, transfer_timeout_s: float = 30.0,
+              kv_fault_rate: float = 0.0, ring: dict | None = None) -> str:
         """ring (a prefill leader with --prefill-cp > 1): {"helpers": [helper actors], "min_tokens": n}."""
         from kvtransfer.codec import get_codec
         codec = get_codec(codec_name)
+        if kv_fault_rate and self.role == "prefill":     # chaos testing: flip bytes on the wire
+            from kvtransfer.faults import CorruptingChannel
+            self.channel = CorruptingChannel(self.channel, kv_fault_rate, seed=self.rank)
         if self.role == "prefill":
             from disagg.messages import encode
             from prefill.worker import PrefillWorker
@@ -84,7 +88,7 @@ class WorkerActor:
             self.worker = RingHelper(self.cfg, self.rank, self.cp_group)
         else:
             from decode.worker import DecodeWorker
-            self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec)
+            self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec, transfer_timeout_s)
         self._thread = threading.Thread(target=self._loop, name=f"{self.role}-{self.rank}", daemon=True)
         self._thread.start()
         return f"{self.role} {self.rank}: {self.worker.__class__.__name__} with codec {codec_name}"
@@ -136,7 +140,8 @@ class WorkerActor:
                 "failures": s.failures,
                 "fallbacks": getattr(self.worker, "fallbacks", 0),
                 "local_prefills": getattr(self.worker, "local_prefills", 0),
-                "ring_prefills": getattr(self.worker, "ring_prefills", 0)}
+                "ring_prefills": getattr(self.worker, "ring_prefills", 0),
+                "flipped": getattr(self.channel, "flipped", 0)}
 
     def check_integrity(self) -> bool:
         bm = self.worker.bm if self.role == "prefill" else self.worker.engine.block_manager

@@ -1,4 +1,4 @@
-"""A disaggregated cluster on Ray, seen by the HTTP server as one engine.
+"""A cluster of prefill and decode workers on Ray, seen by the HTTP server as one engine.
 
 `DisaggEngine` has the AsyncEngine interface (start/stop/healthy/stats/generate), so
 router/server.py serves both modes. Bring-up:
@@ -6,23 +6,36 @@ router/server.py serves both modes. Bring-up:
     ray.init (local, or --address) -> placement group, one bundle per worker (GPU or CPU)
     -> actors -> rank 0 picks the store address -> all ranks join torch.distributed
     -> handshakes checked pairwise -> link bandwidth and codec speed measured
-    -> codec chosen (--kv-codec auto) -> worker loops start -> output pollers start
+    -> codec chosen (--kv-codec auto) -> worker loops start -> output and load pollers start
 
-A request (router side), in the ordering policy's order over the requests waiting here:
-pick a decode worker (most free KV after reserving the predicted length, net of what its
-ledger already promised; 503 if none has room before the deadline, 400 at once if the
-prompt can never fit) -> conditional disaggregation (router.policy.should_prefill_locally:
-the transfer costs more than computing the prompt where it will be decoded, or there is
-no prefill pool) -> either PrefillRequest to the decode worker itself, which streams every
-token, or Reserve there and PrefillRequest to the prefill worker with the fewest queued
-prompt tokens, whose first token comes back from the prefill side and the rest from the
-decode side. The router detokenizes and applies stop strings (and then aborts the decode
-side). `--prefill 0` makes every decode worker a colocated replica behind this router.
+Lifecycle of a request, router side (each state's deadline on the right; the worker-side
+states are in prefill/worker.py and decode/worker.py):
+
+    QUEUED      waits for decode KV in the ordering policy's     reserve_timeout_s -> 503
+                order (disagg/deploy/dispatch.py)                 never fits -> 400 at once
+       │        decode worker d chosen; local or remote prefill
+       ▼
+    PREFILL     on prefill worker p (KV streamed to d), or on d    transfer_timeout_s on d ->
+       │        itself (conditional disaggregation)                 RETRY
+       ▼
+    DECODE      tokens stream from d (the first from p when        client disconnect -> abort,
+       │        remote); stop strings applied here                  KV freed on every worker
+       ▼
+    FINISHED    (length / stop / abort)
+
+    RETRY       a worker of the attempt died, or its transfer failed or timed out: the
+                attempt is aborted on the live workers (freeing its KV) and the request is
+                dispatched again as a new attempt (wire id rid#k) with the prompt plus the
+                tokens already streamed, prefilled on a live decode worker: the client's
+                stream just continues. At most MAX_ATTEMPTS; with no live decode worker the
+                request ends with a clear error (503) and /health answers 503.
+
+The router detokenizes and applies stop strings (and then aborts the decode side).
+`--prefill 0` makes every decode worker a colocated replica behind this router.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
@@ -32,6 +45,7 @@ import ray
 from disagg.config import EngineConfig, ModelConfig
 from disagg.deploy.actor import WorkerActor
 from disagg.deploy.config_codec import engine_config_to_dict
+from disagg.deploy.dispatch import Dispatcher
 from disagg.engine.async_engine import EngineDeadError, EngineStats
 from disagg.engine.detokenizer import IncrementalDetokenizer
 from disagg.messages import (PrefillRequest, Reserve, ReserveReply, TokenOutput, WorkerLoad, decode, decode_many,
@@ -40,8 +54,8 @@ from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, RequestOutput, SamplingParams
 from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
 from kvtransfer.handshake import check_compatible
-from router.policy import (QueueItem, blocks_for, decode_preference, make_ordering, pick_prefill, reserved_blocks,
-                           should_prefill_locally)
+from router.policy import make_ordering
+from router.prefix_index import PrefixIndex
 
 
 @dataclass(frozen=True)
@@ -55,8 +69,12 @@ class ClusterConfig:
     use_gpus: bool | None = None        # None: when the Ray cluster has GPUs
     local_prefill: str = "auto"         # auto: cost-based (should_prefill_locally); never; always
     local_prefill_threshold: int = 256  # prompt tokens that ride along a decode step almost free
+    transfer_timeout_s: float = 30.0    # a KV transfer not landed by then is re-dispatched
+    kv_fault_rate: float = 0.0          # chaos testing only: flip a byte in this fraction of KV messages
     prefill_cp: int = 1                 # GPUs per prefill worker: prompts >= prefill_cp_min_tokens use ring attention
     prefill_cp_min_tokens: int = 4096
+    prefill_routing: str = "cache_aware"   # cache_aware: weigh each worker's cached prefix (router.prefix_index)
+                                           # against its load; least_loaded: the load alone
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -71,21 +89,41 @@ class ClusterConfig:
             raise ValueError("--local-prefill-threshold must be >= 0")
         if self.prefill_cp < 1 or self.prefill_cp_min_tokens < 1:
             raise ValueError("--prefill-cp and --prefill-cp-min-tokens must be at least 1")
+        if self.prefill_routing not in ("cache_aware", "least_loaded"):
+            raise ValueError("--prefill-routing must be cache_aware or least_loaded")
+
+
+MAX_ATTEMPTS = 4     # a request is dispatched at most this many times (worker deaths, failed transfers)
+
+
+class _Retry(Exception):
+    """Queued into a stream: its current attempt failed (a worker died, a transfer failed); dispatch
+    it again, replaying the prompt plus what was generated so far."""
 
 
 @dataclass
 class _Stream:
+    """Router-side state of one request. Each dispatch is an *attempt* with its own wire id
+    (`rid`, then `rid#2`, ...), so a worker that still holds a failed attempt never confuses it
+    with the retry."""
     request_id: str
-    prompt_len: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    predicted: float
     detok: IncrementalDetokenizer
-    max_tokens: int
     q: asyncio.Queue = field(default_factory=asyncio.Queue)
+    wire_id: str = ""
+    attempt: int = 0
     decode_rank: int | None = None
     prefill_rank: int | None = None     # None: prefilled on the decode worker (or not dispatched yet)
     first_seen: bool = False
     buffered: list = field(default_factory=list)
-    num_out: int = 0
+    token_ids: list[int] = field(default_factory=list)
     done: bool = False
+
+    @property
+    def num_out(self) -> int:
+        return len(self.token_ids)
 
 
 class DisaggEngine:
@@ -96,17 +134,17 @@ class DisaggEngine:
         self.error: str | None = None
         self.codec: str | None = None
         self.link: dict = {}
-        self.streams: dict[str, _Stream] = {}
-        self.loads: dict[int, WorkerLoad] = {}
+        self.streams: dict[str, _Stream] = {}        # wire id -> stream
         self.stats = EngineStats(0, 0, 0.0, 0)
         self.transfer: dict[str, float] = {}
+        self._worker_stats: dict[int, dict] = {}
         self._tasks: list[asyncio.Task] = []
-        self._ids = itertools.count()
         self._started_ray = False
-        self._waiting: dict[str, QueueItem] = {}
         self.local_prefills = 0
+        self.retries = 0
         self.codec_ratio = 1.0
         self.pg = None
+        self.actors: dict = {}
         self.helpers: dict = {}           # rank -> context-parallel helper actor (no router traffic)
         mc = ModelConfig.from_dir(cfg.engine.model_dir)
         self._kv_bytes_per_token = mc.kv_bytes_per_token(cfg.engine.torch_dtype)   # raw; the codec scales it
@@ -114,6 +152,27 @@ class DisaggEngine:
         sc = cfg.engine.scheduler
         self.ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
             aging_rate=sc.aging_rate, max_wait_s=sc.max_wait_s)))
+        self._make_dispatcher(list(range(cfg.num_prefill)),
+                              list(range(cfg.num_prefill, cfg.num_prefill + cfg.num_decode)), gpu=False)
+
+    def _make_dispatcher(self, prefill_ranks: list[int], decode_ranks: list[int], gpu: bool) -> None:
+        c = self.cfg
+        self.prefill_ranks, self.decode_ranks = prefill_ranks, decode_ranks
+        # Before any prefill is measured: 2 FLOPs per parameter per token at a modest rate.
+        c_default = 2 * self._num_params / (2e14 if gpu else 5e10)
+        self.dispatcher = Dispatcher(prefill_ranks, decode_ranks, self.ordering,
+                                     block_size=c.engine.cache.block_size,
+                                     kv_bytes_per_token=self._kv_bytes_per_token / self.codec_ratio,
+                                     default_prefill_s_per_token=c_default, local_prefill=c.local_prefill,
+                                     local_prefill_threshold=c.local_prefill_threshold,
+                                     reserve_timeout_s=c.reserve_timeout_s)
+        self.dispatcher.link_bytes_per_s = self.link.get("bandwidth_bytes_per_s", 0.0)
+        if c.engine.cache.enable_prefix_caching and c.prefill_routing == "cache_aware":
+            self.dispatcher.prefix = PrefixIndex(c.engine.cache.block_size)
+
+    @property
+    def loads(self) -> dict[int, WorkerLoad]:
+        return self.dispatcher.loads
 
     # ------------------------------------------------------------------ bring-up
     def launch(self) -> None:
@@ -148,8 +207,6 @@ class DisaggEngine:
             else:         # CPU workers: nothing to pin; they share the host's cores
                 opts = dict(num_gpus=0, num_cpus=0)
             self.actors[rank] = WorkerActor.options(**opts).remote(role, rank)
-        self.prefill_ranks = list(range(c.num_prefill))
-        self.decode_ranks = list(range(c.num_prefill, c.num_prefill + c.num_decode))
         init = ray.get(self.actors[0].address.remote(c.address is None))
         threads = 0 if use_gpu else 1
         for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads,
@@ -164,10 +221,11 @@ class DisaggEngine:
                 check_compatible(hs[p], hs[d])
         handles = {d: self.actors[d] for d in self.decode_ranks}
         for line in ray.get([a.start.remote(self.codec, handles if r in self.prefill_ranks else {},
-                                            ring=self._ring_of(r))
+                                            c.transfer_timeout_s, c.kv_fault_rate, ring=self._ring_of(r))
                              for r, a in self.actors.items()] + [h.start.remote(self.codec, {})
                                                                  for h in self.helpers.values()]):
             self.log(f"  {line}")
+        self._make_dispatcher(self.prefill_ranks, self.decode_ranks, gpu=use_gpu)
 
     def _ring_of(self, rank: int) -> dict | None:
         """A prefill worker's helpers (ranks P + D + p*(cp-1) ..., as kvtransfer.channel numbers them)."""
@@ -210,7 +268,8 @@ class DisaggEngine:
     # ------------------------------------------------------------------ AsyncEngine interface
     @property
     def healthy(self) -> bool:
-        return self.error is None and bool(self._tasks)
+        """False after a fatal error, or while no decode worker is alive (/health answers 503)."""
+        return self.error is None and bool(self._tasks) and self.dispatcher.any_decode_alive
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -220,8 +279,9 @@ class DisaggEngine:
     def stop(self, timeout: float = 10.0) -> None:
         for t in self._tasks:
             t.cancel()
+        live = [a for r, a in self.actors.items() if r not in self.dispatcher.dead]
         try:
-            ray.get([a.stop.remote() for a in self.actors.values()], timeout=timeout)
+            ray.get([a.stop.remote() for a in live], timeout=timeout)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
         for a in [*self.actors.values(), *self.helpers.values()]:
@@ -234,148 +294,118 @@ class DisaggEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        predicted_len: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Dispatch, then stream; on a worker death or a failed transfer, dispatch again with the prompt
+        plus what was generated so far (prefilled on a live decode worker), so the stream continues.
+        Ends with an error after MAX_ATTEMPTS, or at once when no decode worker is left."""
         if not self.healthy:
-            raise EngineDeadError(self.error or "cluster is not running")
-        st = _Stream(request_id, len(prompt_ids), IncrementalDetokenizer(self.tok, prompt_ids, params.stop),
-                     params.max_tokens)
-        self.streams[request_id] = st
+            raise EngineDeadError(self.error or "cluster is not running (no live decode worker)")
+        predicted = predicted_len if predicted_len is not None else float(params.max_tokens)
+        st = _Stream(request_id, list(prompt_ids), params, predicted,
+                     IncrementalDetokenizer(self.tok, prompt_ids, params.stop))
         try:
-            predicted = predicted_len if predicted_len is not None else float(params.max_tokens)
-            st.decode_rank, local = await self._dispatch(request_id, len(prompt_ids), predicted, params.max_tokens)
-            msg = PrefillRequest(request_id, list(prompt_ids), params_to_dict(params), st.decode_rank, predicted)
+            while True:
+                await self._start_attempt(st)
+                while True:
+                    out = await st.q.get()
+                    if isinstance(out, _Retry):
+                        self._end_attempt(st)
+                        self.retries += 1
+                        if st.attempt >= MAX_ATTEMPTS:
+                            raise RuntimeError(f"request failed after {st.attempt} attempts: {out}")
+                        break
+                    if isinstance(out, BaseException):
+                        raise out
+                    yield out
+                    if out.finished:
+                        return
+        finally:
+            if not st.done:          # cancelled or failed: free what the current attempt holds
+                self._end_attempt(st)
+            self.streams.pop(st.wire_id, None)
+
+    async def _start_attempt(self, st: _Stream) -> None:
+        st.attempt += 1
+        st.wire_id = st.request_id if st.attempt == 1 else f"{st.request_id}#{st.attempt}"
+        st.decode_rank = st.prefill_rank = None
+        st.first_seen, st.buffered = False, []
+        self.streams[st.wire_id] = st
+        ids = st.prompt_ids + st.token_ids             # a replay continues from what the client has
+        params = replace(st.params, max_tokens=st.params.max_tokens - st.num_out)
+        predicted = max(1.0, st.predicted - st.num_out)
+        keys = self.dispatcher.keys(ids, params.cache_salt)
+        rank, local = await self.dispatcher.acquire(st.wire_id, len(ids), predicted, params.max_tokens,
+                                                    self._reserve, force_local=bool(st.token_ids),
+                                                    prompt_ids=ids, cache_salt=params.cache_salt, keys=keys)
+        st.decode_rank = rank
+        held = self.dispatcher.dest_cached.pop(st.wire_id, 0)     # prompt tokens d holds: not transferred
+        msg = encode(PrefillRequest(st.wire_id, ids, params_to_dict(params), rank, predicted, held))
+        try:
             if local:
                 st.first_seen = True          # every token comes from the decode worker
                 self.local_prefills += 1
-                await self.actors[st.decode_rank].control.remote(encode(msg))
+                await self.actors[rank].control.remote(msg)
             else:
-                st.prefill_rank = pick_prefill([self.loads[r] for r in self.prefill_ranks if r in self.loads]) \
-                    if all(r in self.loads for r in self.prefill_ranks) \
-                    else self.prefill_ranks[next(self._ids) % len(self.prefill_ranks)]
-                self._bump_load(st.prefill_rank, tokens=len(prompt_ids))
-                await self.actors[st.prefill_rank].submit.remote(encode(msg))
-            while True:
-                out = await st.q.get()
-                if isinstance(out, BaseException):
-                    raise out
-                yield out
-                if out.finished:
-                    return
-        finally:
-            self.streams.pop(request_id, None)
-            if not st.done:          # cancelled or failed: free both sides
-                if st.decode_rank is not None:
-                    self.actors[st.decode_rank].abort.remote(request_id)
-                if st.prefill_rank is not None:
-                    self.actors[st.prefill_rank].abort.remote(request_id)
+                st.prefill_rank = self.dispatcher.pick_prefill(keys, len(ids))
+                self.dispatcher.bump(st.prefill_rank, tokens=len(ids))
+                self.dispatcher.holds(st.prefill_rank, keys)
+                await self.actors[st.prefill_rank].submit.remote(msg)
+        except ray.exceptions.RayError as e:
+            self._mark_dead(st.prefill_rank if st.prefill_rank is not None else rank, e)
 
-    # ------------------------------------------------------------------ dispatch
-    async def _dispatch(self, rid: str, prompt_len: int, predicted: float, max_tokens: int) -> tuple[int, bool]:
-        """(decode rank, prefill it there?) once a decode worker has room for this request, taken in
-        the router's ordering (FCFS, or shortest-predicted-first with aging) over every request
-        waiting here. 400 at once if the prompt can never fit; 503 after the reserve deadline."""
-        now = time.monotonic()
-        self._waiting[rid] = QueueItem(rid, now, prompt_len, predicted)
-        deadline = now + self.cfg.reserve_timeout_s
-        delay = 0.005
-        bs = self.cfg.engine.cache.block_size
-        need_prompt = blocks_for(prompt_len + 1, bs)
+    def _end_attempt(self, st: _Stream) -> None:
+        """Free what the current attempt holds on the workers still alive (best effort)."""
+        self.streams.pop(st.wire_id, None)
+        for r in (st.decode_rank, st.prefill_rank):
+            if r is not None and r not in self.dispatcher.dead:
+                self.actors[r].abort.remote(st.wire_id)
+
+    async def _reserve(self, rank: int, msg: Reserve) -> ReserveReply:
         try:
-            while True:
-                self._check_fits(need_prompt)
-                items = list(self._waiting.values())
-                head = items[self.ordering.pick(items, time.monotonic())].request_id
-                if head == rid:      # strict order: only the policy's choice may take capacity
-                    loads = [self.loads.get(r) or WorkerLoad(r, "decode", 0, 0, 0, 1 << 30, 1 << 30)
-                             for r in self.decode_ranks]
-                    # Room for the prediction net of each worker's ledger; failing that, for the prompt.
-                    prefs = decode_preference(loads, prompt_tokens=prompt_len, predicted_len=predicted,
-                                              block_size=bs, committed={w.rank: w.committed_blocks for w in loads}) \
-                        or decode_preference(loads, need_prompt)
-                    promise = reserved_blocks(prompt_len, predicted, 0, bs, max_tokens=max_tokens)
-                    for rank in prefs:
-                        if self._prefill_here(prompt_len, rank):
-                            self._bump_load(rank, tokens=prompt_len, committed=promise)
-                            return rank, True
-                        reply = decode(await self.actors[rank].reserve.remote(encode(
-                            Reserve(rid, prompt_len, predicted, max_tokens))), ReserveReply)
-                        self._bump_load(rank, free_blocks=reply.free_blocks,
-                                        committed=promise - need_prompt if reply.ok else 0)
-                        if reply.ok:
-                            return rank, False
-                if time.monotonic() > deadline:
-                    from router.openai_api import APIError
-                    raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
-                                   "server_error", headers={"Retry-After": "2"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        finally:
-            self._waiting.pop(rid, None)
+            return decode(await self.actors[rank].reserve.remote(encode(msg)), ReserveReply)
+        except ray.exceptions.RayError as e:
+            self._mark_dead(rank, e)
+            raise
 
-    def _check_fits(self, need_blocks: int) -> None:
-        """A prompt bigger than every decode worker's whole KV cache can never run: 400 now."""
-        totals = [self.loads[r].total_blocks for r in self.decode_ranks if r in self.loads]
-        if len(totals) == len(self.decode_ranks) and need_blocks > max(totals):
-            from router.openai_api import APIError
-            bs = self.cfg.engine.cache.block_size
-            raise APIError(400, f"the prompt needs {need_blocks * bs} tokens of KV cache; the largest decode "
-                                f"worker holds {max(totals) * bs}", "invalid_request_error", param="messages")
-
-    def _prefill_here(self, prompt_len: int, rank: int) -> bool:
-        """Conditional disaggregation (router.policy.should_prefill_locally), from the workers'
-        reported loads, their measured prefill cost and the measured link."""
-        mode = self.cfg.local_prefill
-        if not self.prefill_ranks or mode == "always":
-            return True
-        if mode == "never" or rank not in self.loads:
-            return False
-        pl = [self.loads[r] for r in self.prefill_ranks if r in self.loads]
-        if not pl:
-            return False
-        c = max(w.prefill_s_per_token for w in pl) or self._default_prefill_s_per_token()
-        x = self._kv_bytes_per_token / self.codec_ratio / max(self.link.get("bandwidth_bytes_per_s", 0), 1.0)
-        return should_prefill_locally(prompt_len, self.loads[rank], pl, x, c, self.cfg.local_prefill_threshold)
-
-    def _default_prefill_s_per_token(self) -> float:
-        """Before any prefill was measured: 2 FLOPs per parameter per token at a modest rate."""
-        rate = 2e14 if self.cfg.use_gpus is not False and self.pg is not None else 5e10
-        return 2 * self._num_params / rate
-
-    def _bump_load(self, rank: int, tokens: int = 0, free_blocks: int | None = None, committed: int = 0) -> None:
-        """Until the worker's next report, count what was just sent or promised to it."""
-        w = self.loads.get(rank)
-        if w is not None:
-            self.loads[rank] = replace(w, num_waiting=w.num_waiting + (tokens > 0),
-                                       queued_prompt_tokens=w.queued_prompt_tokens + tokens,
-                                       free_blocks=w.free_blocks if free_blocks is None else free_blocks,
-                                       committed_blocks=w.committed_blocks + max(committed, 0))
+    # ------------------------------------------------------------------ failures
+    def _mark_dead(self, rank: int, err: BaseException | str) -> None:
+        """A worker is gone: stop sending it work, and re-dispatch every request it touched."""
+        if rank in self.dispatcher.dead:
+            return
+        self.dispatcher.dead.add(rank)
+        self.dispatcher.loads.pop(rank, None)
+        if self.dispatcher.prefix is not None:
+            self.dispatcher.prefix.drop(rank)
+        role = "prefill" if rank in self.prefill_ranks else "decode"
+        self.log(f"  {role} worker {rank} died: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        for st in list(self.streams.values()):
+            if rank in (st.decode_rank, st.prefill_rank) and not st.done:
+                st.q.put_nowait(_Retry(f"{role} worker {rank} died"))
 
     # ------------------------------------------------------------------ output path
     async def _poll_outputs(self, rank: int) -> None:
         actor = self.actors[rank]
         try:
-            while True:
+            while rank not in self.dispatcher.dead:
                 for m in decode_many(await actor.take_outputs.remote(0.2), TokenOutput):
                     self._route(rank, m)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - a dead worker fails its requests, the cluster reports it
-            self.error = f"worker {rank} failed: {type(e).__name__}: {e}"
-            for st in list(self.streams.values()):
-                if rank in (st.decode_rank, st.prefill_rank) and not st.done:
-                    st.done = True
-                    st.q.put_nowait(EngineDeadError(self.error))
+        except Exception as e:  # noqa: BLE001 - a dead worker's requests are re-dispatched
+            self._mark_dead(rank, e)
 
     def _route(self, rank: int, m: TokenOutput) -> None:
         st = self.streams.get(m.request_id)
         if st is None or st.done:
             return
+        if m.finish_reason == "retry":       # a failed transfer: the KV never became usable
+            st.q.put_nowait(_Retry(m.error or "KV transfer failed"))
+            return
         if m.error or m.finish_reason == "error":
             st.done = True
             st.q.put_nowait(RuntimeError(m.error or "request failed"))
-            if st.decode_rank is not None:
-                self.actors[st.decode_rank].abort.remote(m.request_id)
+            self._end_attempt(st)
             return
-        from_prefill = rank in self.prefill_ranks
+        from_prefill = rank == st.prefill_rank
         if not from_prefill and not st.first_seen:
             st.buffered.append(m)      # the decode side overtook the prefill's first token
             return
@@ -392,45 +422,67 @@ class DisaggEngine:
         reason = FinishReason(m.finish_reason) if m.finish_reason else None
         for t in m.new_token_ids:
             st.detok.add(t)
-        st.num_out += len(m.new_token_ids)
+        st.token_ids.extend(m.new_token_ids)
         if st.detok.stopped and reason is None:
             reason = FinishReason.STOP
-            self.actors[st.decode_rank].abort.remote(st.request_id)
+            if st.decode_rank not in self.dispatcher.dead:
+                self.actors[st.decode_rank].abort.remote(st.wire_id)
         if reason is not None:
             st.detok.flush()
             st.done = True
-        out = RequestOutput(st.request_id, list(m.new_token_ids), reason, st.prompt_len, st.num_out,
+            # the decode worker keeps the conversation's blocks: all but the last token has KV there
+            self.dispatcher.holds(st.decode_rank, self.dispatcher.keys(st.prompt_ids + st.token_ids[:-1],
+                                                                       st.params.cache_salt))
+        out = RequestOutput(st.request_id, list(m.new_token_ids), reason, len(st.prompt_ids), st.num_out,
                             [tuple(x) for x in m.new_logprobs], new_text=st.detok.delta(final=reason is not None))
         st.q.put_nowait(out)
 
     async def _poll_loads(self) -> None:
         while True:
             try:
-                refs = {r: a.load.remote() for r, a in self.actors.items()}
-                for r, ref in refs.items():
-                    self.loads[r] = decode(await ref, WorkerLoad)
-                dec = [self.loads[r] for r in self.decode_ranks]
-                total = sum(w.total_blocks for w in dec)
-                self.stats = EngineStats(sum(w.num_running for w in dec), sum(w.num_waiting for w in dec) + sum(
-                    self.loads[r].num_waiting for r in self.prefill_ranks),
-                    1 - sum(w.free_blocks for w in dec) / max(total, 1), total)
-                stats = await asyncio.gather(*[self.actors[r].transfer_stats.remote() for r in self.actors])
-                self.transfer = {
-                    "bytes_raw": sum(s["bytes_raw"] for s, r in zip(stats, self.actors) if r in self.prefill_ranks),
-                    "bytes_wire": sum(s["bytes_wire"] for s, r in zip(stats, self.actors) if r in self.prefill_ranks),
-                    "seconds": sum(s["seconds"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
-                    "plans": sum(s["plans"] for s, r in zip(stats, self.actors) if r in self.decode_ranks),
-                    "failures": sum(s["failures"] for s in stats),
-                    "local_prefills": self.local_prefills}
+                live = [r for r in self.actors if r not in self.dispatcher.dead]
+                loads = await asyncio.gather(*[self.actors[r].load.remote() for r in live], return_exceptions=True)
+                stats = await asyncio.gather(*[self.actors[r].transfer_stats.remote() for r in live],
+                                             return_exceptions=True)
+                for r, ld, st in zip(live, loads, stats):
+                    if isinstance(ld, BaseException) or isinstance(st, BaseException):
+                        self._mark_dead(r, ld if isinstance(ld, BaseException) else st)
+                    else:
+                        self.dispatcher.loads[r] = decode(ld, WorkerLoad)
+                        self._worker_stats[r] = st
+                self._update_stats()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001
-                self.error = f"cannot reach a worker: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - the router itself is broken: report it
+                self.error = f"load poller failed: {type(e).__name__}: {e}"
             await asyncio.sleep(0.25)
+
+    def _update_stats(self) -> None:
+        dec = [self.loads[r] for r in self.decode_ranks if r in self.loads]
+        total = sum(w.total_blocks for w in dec)
+        self.stats = EngineStats(sum(w.num_running for w in dec), sum(w.num_waiting for w in dec) + sum(
+            self.loads[r].num_waiting for r in self.prefill_ranks if r in self.loads),
+            1 - sum(w.free_blocks for w in dec) / max(total, 1), total)
+        ws = self._worker_stats
+        self.transfer = {
+            "bytes_raw": sum(s["bytes_raw"] for r, s in ws.items() if r in self.prefill_ranks),
+            "bytes_wire": sum(s["bytes_wire"] for r, s in ws.items() if r in self.prefill_ranks),
+            "seconds": sum(s["seconds"] for r, s in ws.items() if r in self.decode_ranks),
+            "plans": sum(s["plans"] for r, s in ws.items() if r in self.decode_ranks),
+            "failures": sum(s["failures"] for s in ws.values()),
+            "local_prefills": self.local_prefills,
+            "retries": self.retries,
+            "dead_workers": len(self.dispatcher.dead)}
+
+    def prefix_cache_stats(self) -> list[dict]:
+        """Prefix-cache counters per worker for /metrics (from the workers' load reports)."""
+        return [{"worker": r, "role": w.role, "queries": w.prefix_cache_queries, "hits": w.prefix_cache_hits}
+                for r, w in sorted(self.loads.items())]
 
     # ------------------------------------------------------------------ tests and tools
     def check_integrity(self) -> None:
-        ray.get([a.check_integrity.remote() for a in self.actors.values()])
+        """The block managers of every live worker check their own invariants."""
+        ray.get([a.check_integrity.remote() for r, a in self.actors.items() if r not in self.dispatcher.dead])
 
 
 def _cpu_engine(cfg: EngineConfig) -> EngineConfig:

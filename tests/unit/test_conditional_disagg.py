@@ -111,33 +111,36 @@ def _router(model_dir, **kw):
     from disagg.deploy.cluster import ClusterConfig, DisaggEngine
     ecfg = EngineConfig(model_dir, dtype="float32", device="cpu", cache=CacheConfig(block_size=4))
     eng = DisaggEngine(ClusterConfig(ecfg, **kw), tokenizer=None, log=lambda *a: None)
-    eng.prefill_ranks, eng.decode_ranks = list(range(kw.get("num_prefill", 1))), [kw.get("num_prefill", 1)]
     return eng
 
 
 def _loads(eng, decode_running=0, prefill_queued=0, c=1e-4):
     d = eng.decode_ranks[0]
-    eng.loads = {r: WorkerLoad(r, "prefill", 0, 0, prefill_queued, 100, 100, prefill_s_per_token=c)
-                 for r in eng.prefill_ranks}
+    eng.loads.clear()
+    eng.loads.update({r: WorkerLoad(r, "prefill", 0, 0, prefill_queued, 100, 100, prefill_s_per_token=c)
+                      for r in eng.prefill_ranks})
     eng.loads[d] = WorkerLoad(d, "decode", decode_running, 0, 0, 100, 100)
 
 
 def test_dispatch_decision_follows_the_cost_model(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
     eng = _router(d, num_prefill=1, num_decode=1, local_prefill_threshold=64)
-    eng.link = {"bandwidth_bytes_per_s": 1e9}
+    eng.dispatcher.link_bytes_per_s = 1e9
     _loads(eng, decode_running=8)
-    assert eng._prefill_here(32, 1)            # under the threshold: rides along, no transfer
-    assert not eng._prefill_here(2000, 1)      # long prompt, busy decode worker: the prefill pool
+    assert eng.dispatcher.prefill_here(32, 1)            # under the threshold: rides along, no transfer
+    assert not eng.dispatcher.prefill_here(2000, 1)      # long prompt, busy decode worker: the prefill pool
     _loads(eng, decode_running=8, prefill_queued=10**6)
-    assert eng._prefill_here(2000, 1)          # the prefill pool is backed up: stay local
+    assert eng.dispatcher.prefill_here(2000, 1)          # the prefill pool is backed up: stay local
     _loads(eng, decode_running=0)
-    assert eng._prefill_here(2000, 1)          # nothing decoding there to stall
+    assert eng.dispatcher.prefill_here(2000, 1)          # nothing decoding there to stall
     never = _router(d, num_prefill=1, num_decode=1, local_prefill="never")
-    never.link = eng.link
+    never.dispatcher.link_bytes_per_s = 1e9
     _loads(never)
-    assert not never._prefill_here(1, 1)
-    assert _router(d, num_prefill=0, num_decode=1)._prefill_here(5000, 0)
+    assert not never.dispatcher.prefill_here(1, 1)
+    assert _router(d, num_prefill=0, num_decode=1).dispatcher.prefill_here(5000, 0)
+    eng.dispatcher.dead.add(0)                  # the prefill pool died: everything goes local
+    _loads(eng, decode_running=8)
+    assert eng.dispatcher.prefill_here(2000, 1)
 
 
 def test_cluster_config_validates_local_prefill(tiny_ckpts):
@@ -159,6 +162,10 @@ def test_prompt_no_decode_worker_can_hold_is_a_400_at_once(tiny_ckpts):
     eng = _router(tiny_ckpts("llama_gqa"), num_prefill=1, num_decode=1)
     _loads(eng)                                   # decode worker: 100 blocks of 4 tokens
     with pytest.raises(APIError) as e:
-        asyncio.run(eng._dispatch("big", 400, 10.0, 16))
+        asyncio.run(eng.dispatcher.acquire("big", 400, 10.0, 16, reserve=None))
     assert e.value.status == 400 and "400 tokens" not in e.value.message and "holds 400" in e.value.message
-    assert eng._waiting == {}
+    assert eng.dispatcher.waiting == {}
+    eng.dispatcher.dead.add(1)                  # no live decode worker: 503 at once
+    with pytest.raises(APIError) as e:
+        asyncio.run(eng.dispatcher.acquire("small", 4, 10.0, 16, reserve=None))
+    assert e.value.status == 503 and not eng.healthy
