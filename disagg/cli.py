@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("predictor", help="response-length predictor tools (disagg predictor train --help)")
     from disagg.bench.cli import register as register_bench
     register_bench(sub)
+    from disagg.sim.cli import register as register_sim     # profile, simulate, plan
+    register_sim(sub)
     return ap
 
 

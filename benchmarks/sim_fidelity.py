@@ -1,0 +1,251 @@
+"""Simulator fidelity: the real colocated engine against `disagg simulate` on the same trace slice.
+
+    python benchmarks/sim_fidelity.py                          # GPU: Llama-3-8B shape, 200 Azure conv requests
+    python benchmarks/sim_fidelity.py --device cpu --model-config tiny --requests 16 --max-prompt 96 \
+        --max-output 24 --quick-profile                        # CPU smoke run (minutes, numbers meaningless)
+
+1. The real engine: LLMEngine (scheduler, block manager, model runner, CUDA graphs) in this
+   process, random weights of the model's shapes (--load-format dummy), bf16 on GPU. An open-loop
+   driver thread releases each request at its trace arrival time (rescaled by --rate); the engine
+   loop adds what arrived, steps, and timestamps every token. Prompts are random token ids of the
+   trace's length; each answer is forced to the trace's length (ignore_eos, max_tokens).
+2. The performance model: `disagg profile`'s measurements (disagg/sim/profile.py), taken on the
+   very runner that just served (or --profile FILE).
+3. The simulator on the same requests and engine settings (KV blocks, max_num_seqs, token budget),
+   with the measured profile and, for reference, the analytic roofline model.
+
+Reports predicted against measured P50 / P90 TTFT and TPOT (and mean, E2E), writes
+benchmarks/results/sim_fidelity_<device>.json (also under $OUT when set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TRACE = ".devdata/traces/azure2023/AzureLLMInferenceTrace_conv.csv"
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=1)
+
+
+def default_trace() -> str:
+    for p in (os.path.join(ROOT, TRACE), os.path.join(os.path.dirname(ROOT), "shared/data/traces/azure2023",
+                                                      os.path.basename(TRACE))):
+        if os.path.exists(p):
+            return p
+    return os.path.join(ROOT, TRACE)
+
+
+def write_model_dir(hf: dict) -> str:
+    """config.json + a word-level tokenizer over the vocabulary (LLMEngine wants one; ids only here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    d = tempfile.mkdtemp(prefix="sim_fidelity_")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(hf, f)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, hf["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+    return d
+
+
+def replay(eng, trace, prompts) -> dict:
+    """Open-loop replay in real time; per request: intended arrival, first token, done (perf_counter)."""
+    from disagg.request import SamplingParams
+    n = len(trace)
+    q: queue.Queue = queue.Queue()
+    t0 = time.perf_counter() + 0.5
+
+    def driver():
+        for i, r in enumerate(trace):
+            dt = t0 + r.arrival_s - time.perf_counter()
+            if dt > 0:
+                time.sleep(dt)
+            q.put(i)
+    th = threading.Thread(target=driver, daemon=True)
+    th.start()
+    first, done, nout, added = [None] * n, [None] * n, [0] * n, [None] * n
+    finished = 0
+    steps = 0
+    while finished < n:
+        try:
+            i = q.get(timeout=0.05) if not eng.has_unfinished() else q.get_nowait()
+            while True:
+                added[i] = time.perf_counter()
+                eng.add_request(prompts[i], SamplingParams(max_tokens=trace[i].output_tokens, temperature=0.0,
+                                                           ignore_eos=True), request_id=str(i))
+                i = q.get_nowait()
+        except queue.Empty:
+            pass
+        if not eng.has_unfinished():
+            continue
+        outs = eng.step()
+        steps += 1
+        t = time.perf_counter()
+        for o in outs:
+            i = int(o.request_id)
+            if o.new_token_ids and first[i] is None:
+                first[i] = t
+            nout[i] += len(o.new_token_ids)
+            if o.finished:
+                done[i] = t
+                finished += 1
+    arrival = [t0 + r.arrival_s for r in trace]
+    return {"arrival": arrival, "first": first, "done": done, "num_out": nout, "steps": steps,
+            "max_add_lag_s": max(a - b for a, b in zip(added, arrival))}
+
+
+def stats(arrival, first, done, nout) -> dict:
+    import numpy as np
+    ttft = np.array([f - a for a, f in zip(arrival, first)])
+    tpot = np.array([(d - f) / (n - 1) for f, d, n in zip(first, done, nout) if n > 1])
+    e2e = np.array([d - a for a, d in zip(arrival, done)])
+    out = {}
+    for name, x in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", e2e)):
+        out[name] = {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p90": float(np.percentile(x, 90))}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", default=default_trace())
+    ap.add_argument("--start", type=int, default=0, help="first trace row")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=None, help="rescale the slice to this mean rate (default: as is)")
+    ap.add_argument("--model-config", default="llama3-8b", help="llama3-8b | smollm2 | tiny | a config.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-prompt", type=int, default=None, help="cap prompt lengths (CPU runs)")
+    ap.add_argument("--max-output", type=int, default=None, help="cap output lengths (CPU runs)")
+    ap.add_argument("--num-gpu-blocks", type=int, default=None)
+    ap.add_argument("--profile", default=None, help="use this profile instead of measuring one")
+    ap.add_argument("--quick-profile", action="store_true")
+    ap.add_argument("--profile-out", default=None, help="also save the measured profile here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    from dataclasses import replace
+
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    from disagg.engine.llm_engine import LLMEngine
+    from disagg.sim import profile as sim_profile
+    from disagg.sim.cli import model_config
+    from disagg.sim.gpus import gpu
+    from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
+    from disagg.sim.report import summarize
+    from disagg.sim.simulator import SimConfig, simulate
+    from disagg.traces import cap_lengths, load_csv, rescale
+
+    if args.model_config == "tiny":
+        hf, name = dict(TINY), "tiny"
+    else:
+        mc0 = model_config(args.model_config)
+        path = args.model_config if os.path.exists(args.model_config) else os.path.join(
+            ROOT, "disagg/sim/configs", {"llama3-8b": "llama3_8b.json", "smollm2": "smollm2_135m.json"}[args.model_config])
+        hf, name = json.load(open(path)), mc0.name
+    dev = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(1)         # a shared small CPU: one thread times far more steadily
+    max_len = min(args.max_model_len, hf["max_position_embeddings"])
+    trace = load_csv(args.trace, start=args.start, limit=args.requests)
+    if args.rate:
+        trace = rescale(trace, args.rate)
+    trace = [replace(q, prompt_tokens=min(q.prompt_tokens, args.max_prompt or q.prompt_tokens),
+                     output_tokens=min(q.output_tokens, args.max_output or q.output_tokens)) for q in trace]
+    trace = cap_lengths(trace, max_len)
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, hf["vocab_size"]) for _ in range(q.prompt_tokens)] for q in trace]
+
+    mdir = write_model_dir(hf)
+    cfg = EngineConfig(mdir, dtype="bfloat16" if dev.type == "cuda" else "float32", device=str(dev),
+                       load_format="dummy", seed=args.seed,
+                       cache=CacheConfig(num_blocks=args.num_gpu_blocks, cpu_kv_gib=0.25),
+                       scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len,
+                                                 max_num_batched_tokens=args.max_num_batched_tokens))
+    t = time.perf_counter()
+    eng = LLMEngine(cfg, detokenize=False)
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"engine up in {time.perf_counter() - t:.0f}s on {gpu_name}: {eng.runner.num_blocks} KV blocks; "
+          f"{len(trace)} requests over {trace[-1].arrival_s:.0f}s", flush=True)
+    from disagg.request import SamplingParams    # warm-up: a few prompts of assorted lengths, untimed
+    eng.generate([[5] * n for n in (16, 200, 1000) if n < max_len],
+                 SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+
+    t = time.perf_counter()
+    real = replay(eng, trace, prompts)
+    print(f"replayed in {time.perf_counter() - t:.0f}s, {real['steps']} steps, largest add lag "
+          f"{real['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
+    measured = stats(real["arrival"], real["first"], real["done"], real["num_out"])
+
+    if args.profile:
+        prof = load_profile(args.profile)
+    else:
+        t = time.perf_counter()
+        prof = sim_profile.measure(eng.runner, hf, name, gpu_name,
+                                   sim_profile.QUICK if args.quick_profile else sim_profile.FULL,
+                                   quick=args.quick_profile)
+        print(f"profiled in {time.perf_counter() - t:.0f}s", flush=True)
+        if args.profile_out:
+            with open(args.profile_out, "w") as f:
+                json.dump(prof, f, indent=1)
+    model_gpu = sim_profile._gpu_for_model(gpu_name)
+    from disagg.config import ModelConfig
+    mc = ModelConfig.from_hf_dict(hf, name=name)
+    scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+                     block_size=eng.runner.block_size, num_blocks=eng.runner.num_blocks)
+    sims = {}
+    for label, pm in (("profile", ProfileModel({**prof, "gpu": model_gpu})), ("roofline", RooflineModel(mc, model_gpu))):
+        t = time.perf_counter()
+        s = summarize(simulate(trace, scfg, pm))
+        sims[label] = {k: s[k] for k in ("ttft_s", "tpot_s", "e2e_s")}
+        sims[label]["sim_wall_s"] = time.perf_counter() - t
+    rows = []
+    print(f"\n{'':<10}{'measured':>10}{'profile':>10}{'error':>8}{'roofline':>10}{'error':>8}")
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        for p in ("p50", "p90", "mean"):
+            m, a, b = measured[key][p], sims["profile"][key][p], sims["roofline"][key][p]
+            rows.append({"metric": f"{key[:-2]} {p}", "measured_s": m, "profile_s": a, "roofline_s": b,
+                         "profile_error": a / m - 1, "roofline_error": b / m - 1})
+            print(f"{key[:-2] + ' ' + p:<10}{m * 1e3:>9.1f}m{a * 1e3:>9.1f}m{a / m - 1:>+8.1%}"
+                  f"{b * 1e3:>9.1f}m{b / m - 1:>+8.1%}")
+    slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
+    out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
+           "start": args.start, "requests": len(trace), "rate": args.rate, "num_blocks": eng.runner.num_blocks,
+           "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+           "measured": measured, "simulated": sims, "rows": rows, "engine_steps": real["steps"],
+           "max_add_lag_s": real["max_add_lag_s"], "argv": sys.argv[1:],
+           "profile_validation": prof.get("validation"), "profile_elapsed_s": prof.get("elapsed_s")}
+    path = args.out or os.path.join(ROOT, "benchmarks/results", f"sim_fidelity_{slug}_{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    if os.environ.get("OUT"):
+        shutil.copy(path, os.environ["OUT"])
+        if not args.profile:
+            with open(os.path.join(os.environ["OUT"], f"profile_{slug}_{name}.json"), "w") as f:
+                json.dump(prof, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
