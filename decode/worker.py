@@ -43,6 +43,8 @@ import threading
 import time
 from collections import defaultdict
 
+import torch
+
 from disagg.config import EngineConfig
 from disagg.engine.llm_engine import LLMEngine
 from disagg.messages import (Outbox, PlanDone, PrefillRequest, Reserve, ReserveReply, TokenOutput, TransferPlan,
@@ -195,7 +197,7 @@ class DecodeWorker:
                 self.next_plan[src] += 1
                 tables = [self.engine.block_table(r) for r in p.request_ids]
                 slots = slot_mapping(tables, p.num_tokens, self.engine.block_manager.block_size,
-                                     self.engine.runner.device, starts=p.start_tokens)
+                                     torch.device("cpu"), starts=p.start_tokens)
                 self.receiver.post(src, p.plan_id, p.request_ids, p.num_tokens, slots)
 
     def _admit_landed(self) -> None:

@@ -33,11 +33,15 @@ from kvtransfer.channel import KVChannel
 def slot_mapping(block_tables: list[list[int]], num_tokens: list[int], block_size: int,
                  device: torch.device, starts: list[int] | None = None) -> torch.Tensor:
     """Slots of positions start .. start + n - 1 of each request (start 0 unless given: a prefix
-    the decode worker already holds is not sent)."""
+    the decode worker already holds is not sent). A position with no block (the request's
+    reservation was dropped before its plan arrived: an abort racing the plan) gets slot -1:
+    its KV must still be received, to keep the wire in step, but is written nowhere."""
     slots = []
     for i, (table, n) in enumerate(zip(block_tables, num_tokens)):
         s = starts[i] if starts else 0
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s, s + n))
+        nt = len(table)
+        slots.extend(table[p // block_size] * block_size + p % block_size if p // block_size < nt else -1
+                     for p in range(s, s + n))
     return torch.tensor(slots, dtype=torch.long).to(device)
 
 
@@ -117,6 +121,7 @@ class PendingPlan:
     started: float = field(default_factory=time.monotonic)
     next_layer: int = 0
     oks: list[torch.Tensor] = field(default_factory=list)
+    keep: torch.Tensor | None = None   # token indices to write (None: all); the rest are discarded
     expired: bool = False         # past the receiver's deadline (the decode worker's bookkeeping)
     failed: bool = False          # a receive raised (peer gone): nothing more will land
 
@@ -137,6 +142,13 @@ class KVReceiver:
 
     def post(self, src: int, plan_id: int, request_ids: list[str], num_tokens: list[int],
              slots: torch.Tensor) -> None:
+        """slots [T]: where each received token's KV goes; -1 = receive it but write it nowhere.
+        Give them on the host (slot_mapping(..., cpu)): the -1 check then costs no device sync."""
+        keep = None
+        if slots.numel() and int(slots.min()) < 0:     # rare: an abort raced the plan
+            keep = (slots >= 0).nonzero().flatten().to(self.device)
+            slots = slots[slots >= 0]
+        slots = slots.to(self.device)
         T = sum(num_tokens)
         shape = (2, T, self.h, self.d)
         n = self.codec.payload_nbytes(shape, self.dtype)
@@ -145,7 +157,7 @@ class KVReceiver:
             b = torch.empty(n, dtype=torch.uint8, device=self.device)
             works.append(self.ch.irecv(b, src, tag=layer))
             bufs.append(b)
-        self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works))
+        self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works, keep=keep))
 
     def poll(self) -> list[tuple[PendingPlan, bool | None]]:
         """Decode the layers that landed; return (plan, checksums_ok) for plans now complete, and
@@ -179,7 +191,10 @@ class KVReceiver:
             p.works[layer].wait()     # orders the compute stream after the receive (no host wait)
             kv, ok = self.codec.decode(p.buffers[layer], (2, T, self.h, self.d), self.dtype)
             kc, vc = self.kv_caches[layer]
-            self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
+            if p.keep is not None:
+                kv = kv[:, p.keep]
+            if p.slots.numel():
+                self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
             p.oks.append(ok)
             self.stats.bytes_wire += p.buffers[layer].numel()
             self.stats.bytes_raw += kv.numel() * kv.element_size()
