@@ -116,7 +116,7 @@ async def start_server(args, eng, name, host: str, port: int):
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    return aeng, runner
+    return aeng, runner, server
 
 
 def load_predictor(args):
@@ -146,7 +146,7 @@ def launch_cluster(args):
         ccfg = ClusterConfig(ecfg, num_prefill=args.prefill or 0, num_decode=args.decode, kv_codec=args.kv_codec,
                              address=args.address, local_prefill=args.local_prefill,
                              local_prefill_threshold=args.local_prefill_threshold, prefill_cp=args.prefill_cp,
-                             prefill_cp_min_tokens=args.prefill_cp_min_tokens)
+                             prefill_cp_min_tokens=args.prefill_cp_min_tokens, prefill_routing=args.prefill_routing)
         mc = ModelConfig.from_dir(model_dir)
         tok = Tokenizer(model_dir)
     except (ValueError, FileNotFoundError) as e:
@@ -173,7 +173,7 @@ async def start_cluster_server(args, eng, tok, name, max_len, host, port):
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    return eng, runner
+    return eng, runner, server
 
 
 def cmd_serve(args) -> int:
@@ -192,26 +192,41 @@ def cmd_serve(args) -> int:
     async def main():
         import signal
         if disaggregated:
-            aeng, runner = await start_cluster_server(args, eng, tok, name, max_len, args.host, args.port)
+            aeng, runner, server = await start_cluster_server(args, eng, tok, name, max_len, args.host, args.port)
             mode = (f"disaggregated, {args.prefill}P+{args.decode}D, KV codec {eng.codec}, local prefill "
                     f"{args.local_prefill}" if args.prefill else f"{args.decode} colocated replicas")
         else:
-            aeng, runner = await start_server(args, eng, name, args.host, args.port)
+            aeng, runner, server = await start_server(args, eng, name, args.host, args.port)
             mode = "colocated"
         print(f"Serving {args.served_model_name or name} ({mode}) on http://{args.host}:{args.port}/v1 "
               f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
+        stop, now = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        for sig in (signal.SIGINT, signal.SIGTERM):     # first signal: drain; a second: stop now
+            loop.add_signal_handler(sig, lambda: now.set() if stop.is_set() else stop.set())
         while not stop.is_set() and aeng.healthy:
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
         failed = not aeng.healthy and not stop.is_set()
+        if stop.is_set() and aeng.healthy:
+            server.begin_drain()
+            n = server.in_flight
+            print(f"Draining: {n} request(s) in flight, new ones get 503 (up to {args.shutdown_timeout:g}s; "
+                  "signal again to stop now)", file=sys.stderr, flush=True)
+            deadline = loop.time() + args.shutdown_timeout
+            while server.in_flight and loop.time() < deadline and not now.is_set() and aeng.healthy:
+                try:
+                    await asyncio.wait_for(now.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
+            if server.in_flight:
+                print(f"Stopping with {server.in_flight} request(s) unfinished", file=sys.stderr, flush=True)
         await runner.cleanup()
         aeng.stop()
+        if failed:
+            print(f"error: the engine failed: {aeng.error}", file=sys.stderr, flush=True)
         return 1 if failed else 0
     return asyncio.run(main())
 
@@ -232,7 +247,7 @@ def cmd_demo(args) -> int:
 
     async def main():
         port = _free_port()
-        aeng, runner = await start_server(args, eng, name, "127.0.0.1", port)
+        aeng, runner, _ = await start_server(args, eng, name, "127.0.0.1", port)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": args.served_model_name or name, "messages": [{"role": "user", "content": args.question}],
                 "max_tokens": args.max_tokens, "temperature": 0}
@@ -289,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefill pool); never: always use the prefill pool; always: never transfer")
     s.add_argument("--local-prefill-threshold", type=int, default=256,
                    help="prompt tokens a decode step absorbs almost free (auto mode's stall model)")
+    s.add_argument("--prefill-routing", default="cache_aware", choices=["cache_aware", "least_loaded"],
+                   help="cache_aware: send a prompt where its prefix is cached unless that worker's queue is "
+                        "longer by more than the cached tokens; least_loaded: fewest queued prompt tokens")
     s.add_argument("--prefill-cp", type=int, default=1,
                    help="GPUs per prefill worker (context parallelism): a prompt of at least --prefill-cp-min-tokens "
                         "is split across them and prefilled with ring attention")
@@ -302,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DISAGG_API_KEY)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: stop accepting (503) and let in-flight requests finish for up to "
+                        "this many seconds (a second signal stops at once)")
     add_router_args(s)
     s.set_defaults(fn=cmd_serve)
 

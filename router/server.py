@@ -72,6 +72,8 @@ class Server:
         if hasattr(engine, "prefix_cache_stats"):   # both engines; not the HTTP tests' fake
             self.metrics.add_prefix_cache_source(engine.prefix_cache_stats)
         self.created = int(time.time())
+        self.draining = False      # SIGTERM: stop accepting, finish what is in flight
+        self.in_flight = 0         # generation requests accepted and not yet answered
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -122,9 +124,16 @@ class Server:
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "disagg",
             "max_model_len": self.max_model_len}]})
 
+    def begin_drain(self) -> None:
+        """Shutdown, step 1: new generation requests get 503 and /health says draining; requests
+        in flight run to their end (the caller waits for in_flight == 0, then stops)."""
+        self.draining = True
+
     async def health(self, request: web.Request) -> web.Response:
         if not self.engine.healthy:
             return web.json_response({"status": "unhealthy", "error": self.engine.error}, status=503)
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics_route(self, request: web.Request) -> web.Response:
@@ -196,6 +205,16 @@ class Server:
         return self.tok.decode([tid], skip_special_tokens=False)
 
     async def _generate(self, request, prompt_ids, parsed: oa.ParsedRequest, chat: bool, text: str = ""):
+        if self.draining:
+            raise oa.APIError(503, "The server is shutting down; retry on another replica.", "server_error",
+                              headers={"Retry-After": "5"})
+        self.in_flight += 1
+        try:
+            return await self._generate_counted(request, prompt_ids, parsed, chat, text)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate_counted(self, request, prompt_ids, parsed: oa.ParsedRequest, chat: bool, text: str):
         n_tok = len(prompt_ids) * parsed.n
         if (self.queued_requests + parsed.n > self.max_queued_requests
                 or self.queued_tokens + n_tok > self.max_queued_tokens):
