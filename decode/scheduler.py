@@ -207,7 +207,7 @@ class Scheduler:
             end = num_blocks * self.bm.block_size
             toks = req.prompt_token_ids if end <= req.num_prompt_tokens else req.all_token_ids
             known = self.block_hashes[req.request_id] = block_hashes(
-                toks[:end], self.bm.block_size, req.params.cache_salt, known=known)
+                toks, self.bm.block_size, req.params.cache_salt, known=known, limit=num_blocks)
         return known if len(known) == num_blocks else known[:num_blocks]
 
     def _cached_prefix(self, req: Request) -> list[int] | None:

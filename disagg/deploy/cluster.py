@@ -409,6 +409,8 @@ class DisaggEngine:
         if not from_prefill and not st.first_seen:
             st.buffered.append(m)      # the decode side overtook the prefill's first token
             return
+        if from_prefill:               # that prompt left the prefill queue (before _emit counts the token)
+            self.dispatcher.prefill_done(rank, len(st.prompt_ids) + st.num_out)
         self._emit(st, m)
         if from_prefill:
             st.first_seen = True

@@ -190,3 +190,13 @@ class Dispatcher:
                                        queued_prompt_tokens=w.queued_prompt_tokens + tokens,
                                        free_blocks=w.free_blocks if free_blocks is None else free_blocks,
                                        committed_blocks=w.committed_blocks + max(committed, 0))
+
+    def prefill_done(self, rank: int, tokens: int) -> None:
+        """A prompt's first token came back from prefill worker `rank`: until its next report, stop
+        counting the prompt as queued there. (Otherwise a conversation's next turn, sent at once,
+        sees its own previous turn as load on the very worker that caches its history, and the
+        cache-aware pick goes elsewhere. At worst this under-counts until the next report.)"""
+        w = self.loads.get(rank)
+        if w is not None:
+            self.loads[rank] = replace(w, num_waiting=max(0, w.num_waiting - 1),
+                                       queued_prompt_tokens=max(0, w.queued_prompt_tokens - tokens))
