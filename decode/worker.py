@@ -188,6 +188,13 @@ class DecodeWorker:
                 self._retry(live, f"KV transfer from rank {p.src} timed out after {self.transfer_timeout_s:g}s")
                 for r in live:
                     self.aborted.add(r)
+        for key, (p, ok) in list(self.landed.items()):   # KV here, PlanDone never came (prefill died)
+            if now - p.started > self.transfer_timeout_s and key not in self.done_msgs:
+                del self.landed[key]
+                live = [r for r in p.request_ids if r in self.reserved and r not in self.aborted]
+                for r in p.request_ids:
+                    self._drop_reservation(r)
+                self._retry(live, f"no first token from prefill rank {p.src} after {self.transfer_timeout_s:g}s")
 
     def _post_ready_plans(self) -> None:
         """Post irecvs for each source's plans strictly in plan_id order (the wire order)."""

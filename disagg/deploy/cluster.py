@@ -378,7 +378,10 @@ class DisaggEngine:
         role = "prefill" if rank in self.prefill_ranks else "decode"
         self.log(f"  {role} worker {rank} died: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         for st in list(self.streams.values()):
-            if rank in (st.decode_rank, st.prefill_rank) and not st.done:
+            # A prefill worker's death only matters before its first token arrived: after that the
+            # decode worker holds the KV (PlanDone precedes the first token) and goes on alone.
+            hit = rank == st.decode_rank or (rank == st.prefill_rank and not st.first_seen)
+            if hit and not st.done:
                 st.q.put_nowait(_Retry(f"{role} worker {rank} died"))
 
     # ------------------------------------------------------------------ output path
