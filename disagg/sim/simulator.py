@@ -221,10 +221,10 @@ class Simulator:
 
     # ------------------------------------------------------------------ requests
     def _request(self, i: int, max_tokens: int) -> Request:
-        """Token ids are placeholders; the first one makes every prompt's prefix-cache keys its own
-        (trace prompts share nothing; only a preempted request finds its own blocks again)."""
+        """Token ids are placeholders (trace prompts share nothing; workers.SimScheduler keys the
+        prefix cache by request and block)."""
         q = self.trace[i]
-        return Request(str(i), [i + 1] + [0] * (q.prompt_tokens - 1),
+        return Request(str(i), [0] * q.prompt_tokens,
                        SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=self.now)
 
     def _arrive(self, i: int) -> None:
@@ -263,8 +263,6 @@ class Simulator:
             self._fail(int(rid), "503: no decode KV before the reserve timeout")
         if not self.queue:
             return
-        for w in self.decodes:
-            w.touch(now, after_steps)
         fcfs = cfg.policy == "fcfs"
         while self.queue:
             if fcfs:                              # arrivals are queued in time order
@@ -272,15 +270,16 @@ class Simulator:
             else:
                 items = list(self.queue.values())
                 head = items[self.ordering.pick(items, now)]
-            if not self._try(head):
+            if not self._try(head, after_steps):
                 return
             del self.queue[head.request_id]
 
-    def _try(self, item: QueueItem) -> bool:
-        """Dispatch the head now if a decode worker has room; False leaves it queued (strict order)."""
+    def _try(self, item: QueueItem, after_steps: bool) -> bool:
+        """Dispatch the head now if a decode worker has room; False leaves it queued (strict order).
+        Loads are read as of now; only the worker that takes the request is touched."""
         cfg, bs = self.cfg, self.cfg.block_size
         i, p = int(item.request_id), item.prompt_tokens
-        loads = [w.load() for w in self.decodes]
+        loads = [w.load(self.now, after_steps) for w in self.decodes]
         need_prompt = blocks_for(p + 1, bs)
         if need_prompt > max(w.total_blocks for w in loads):
             self._fail(i, "400: the prompt can never fit a decode worker's KV cache")
@@ -291,6 +290,7 @@ class Simulator:
         by_rank = {w.rank: (w, ld) for w, ld in zip(self.decodes, loads)}
         for rank in prefs:
             w, ld = by_rank[rank]
+            w.touch(self.now, after_steps)
             if self._prefill_here(p, ld):
                 req = self._request(i, self.outputs[i])
                 w.add_local(req, item.predicted_len)

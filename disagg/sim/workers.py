@@ -42,6 +42,22 @@ from router.policy import OrderingPolicy, reserved_blocks
 MIN_WINDOW = 2          # fewer steps than this: an ordinary step
 
 
+class SimScheduler(Scheduler):
+    """The real scheduler; only its prefix-cache keys are stand-ins. Simulated prompts are
+    placeholders that share nothing, so block j of request r is named by (r, j) exactly as its
+    chained sha256 would name it (decode/prefix_cache.py): a preempted request finds its own
+    blocks again, no two requests share one. This saves a sha256 per block per worker."""
+
+    def _keys(self, req: Request, num_blocks: int) -> list:
+        known = self.block_hashes.get(req.request_id)
+        if known is None:
+            known = self.block_hashes[req.request_id] = []
+        if len(known) < num_blocks:
+            rid = req.request_id
+            known.extend((rid, j) for j in range(len(known), num_blocks))
+        return known if len(known) == num_blocks else known[:num_blocks]
+
+
 def step_shape(out: SchedulerOutput) -> tuple[int, int, list[tuple[int, int]]]:
     """What a step costs depends on: (decoding requests, KV tokens they read, prefill chunks
     [(new tokens, cached tokens)])."""
@@ -72,8 +88,9 @@ class SimWorker:
         self.sim, self.rank, self.role, self.perf = sim, rank, role, perf
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=sim.cfg.prefix_caching)
         self.predicted: dict[str, float] = {}
-        self.sched = Scheduler(sched_cfg, self.bm, max_model_len, ordering=ordering, clock=sim.clock,
-                               predicted_len=lambda r: self.predicted.get(r.request_id, float(r.params.max_tokens)))
+        self.sched = SimScheduler(sched_cfg, self.bm, max_model_len, ordering=ordering, clock=sim.clock,
+                                  predicted_len=lambda r: self.predicted.get(r.request_id,
+                                                                             float(r.params.max_tokens)))
         self.max_model_len = max_model_len
         self.inflight: SchedulerOutput | None = None
         self.inflight_exec = 0.0
@@ -93,27 +110,40 @@ class SimWorker:
     def busy(self) -> bool:
         return self.inflight is not None or self.window is not None
 
-    def load(self) -> WorkerLoad:
-        """As DecodeWorker.load / PrefillWorker.load report it (call touch() first)."""
+    def load(self, now: float | None = None, after_steps: bool = False) -> WorkerLoad:
+        """As DecodeWorker.load / PrefillWorker.load report it at `now`. Inside a window this is
+        computed as touch(now, after_steps) would leave the worker, without ending the window."""
         sch, bm = self.sched, self.bm
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sch.waiting)
         if self.role == "prefill":
             queued += sum(r.num_tokens - r.num_computed_tokens for r in sch.running)
             return WorkerLoad(self.rank, "prefill", sch.num_running, sch.num_waiting, queued, bm.num_free_blocks,
                               bm.num_blocks, prefill_s_per_token=self.s_per_token)
+        free, extra = bm.num_free_blocks, {}
+        w = self.window
+        if w is not None and now is not None:
+            j = (bisect.bisect_right if after_steps else bisect.bisect_left)(w.ends, now)
+            bs = bm.block_size
+            for r, c, h in zip(w.reqs, w.c0, w.held0):
+                held = max(h, -(-(c + j + 1) // bs))      # step j's allocation is made
+                free -= held - len(bm.block_table(r.request_id))
+                extra[r.request_id] = (j, held)
         return WorkerLoad(self.rank, "decode", sch.num_running, sch.num_waiting + len(self.reserved), queued,
-                          bm.num_free_blocks, bm.num_blocks, committed_blocks=self._committed())
+                          free, bm.num_blocks, committed_blocks=self._committed(extra))
 
-    def _committed(self) -> int:
-        """DecodeWorker._update_ledger: blocks promised beyond what each live request holds."""
+    def _committed(self, window: dict | None = None) -> int:
+        """DecodeWorker._update_ledger: blocks promised beyond what each live request holds.
+        window: request id -> (tokens it gained, blocks it holds) in a window not yet applied."""
         total, bs = 0, self.bm.block_size
         for rid, (prompt, predicted, max_tokens) in list(self.ledger.items()):
             req = self.sim.live.get(rid)
             if req is None or (req.finished and rid not in self.reserved):
                 del self.ledger[rid]
                 continue
-            promised = reserved_blocks(prompt, predicted or 1, req.num_output_tokens, bs, max_tokens=max_tokens)
-            total += max(0, promised - len(self.bm.block_table(rid)))
+            gained, held = window.get(rid, (0, None)) if window else (0, None)
+            promised = reserved_blocks(prompt, predicted or 1, req.num_output_tokens + gained, bs,
+                                       max_tokens=max_tokens)
+            total += max(0, promised - (len(self.bm.block_table(rid)) if held is None else held))
         return total
 
     # ------------------------------------------------------------------ requests in
