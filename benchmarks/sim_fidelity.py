@@ -1,12 +1,13 @@
 """Simulator fidelity: the real colocated engine against `disagg simulate` on the same trace slice.
 
-    python benchmarks/sim_fidelity.py                          # GPU: Llama-3-8B shape, 200 Azure conv requests
+    python benchmarks/sim_fidelity.py --rates 0,12             # GPU: Llama-3-8B shape, 200 Azure conv requests,
+                                                               # as recorded and at 12 req/s
     python benchmarks/sim_fidelity.py --device cpu --model-config tiny --requests 16 --max-prompt 96 \
         --max-output 24 --quick-profile                        # CPU smoke run (minutes, numbers meaningless)
 
 1. The real engine: LLMEngine (scheduler, block manager, model runner, CUDA graphs) in this
    process, random weights of the model's shapes (--load-format dummy), bf16 on GPU. An open-loop
-   driver thread releases each request at its trace arrival time (rescaled by --rate); the engine
+   driver thread releases each request at its trace arrival time (rescaled to each of --rates); the engine
    loop adds what arrived, steps, and timestamps every token. Prompts are random token ids of the
    trace's length; each answer is forced to the trace's length (ignore_eos, max_tokens).
 2. The performance model: `disagg profile`'s measurements (disagg/sim/profile.py), taken on the
@@ -125,7 +126,7 @@ def main() -> int:
     ap.add_argument("--trace", default=default_trace())
     ap.add_argument("--start", type=int, default=0, help="first trace row")
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--rate", type=float, default=None, help="rescale the slice to this mean rate (default: as is)")
+    ap.add_argument("--rates", default="0", help="comma-separated rates to replay the slice at (0: as recorded)")
     ap.add_argument("--model-config", default="llama3-8b", help="llama3-8b | smollm2 | tiny | a config.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -166,8 +167,6 @@ def main() -> int:
         torch.set_num_threads(1)         # a shared small CPU: one thread times far more steadily
     max_len = min(args.max_model_len, hf["max_position_embeddings"])
     trace = load_csv(args.trace, start=args.start, limit=args.requests)
-    if args.rate:
-        trace = rescale(trace, args.rate)
     trace = [replace(q, prompt_tokens=min(q.prompt_tokens, args.max_prompt or q.prompt_tokens),
                      output_tokens=min(q.output_tokens, args.max_output or q.output_tokens)) for q in trace]
     trace = cap_lengths(trace, max_len)
@@ -184,16 +183,19 @@ def main() -> int:
     eng = LLMEngine(cfg, detokenize=False)
     gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"engine up in {time.perf_counter() - t:.0f}s on {gpu_name}: {eng.runner.num_blocks} KV blocks; "
-          f"{len(trace)} requests over {trace[-1].arrival_s:.0f}s", flush=True)
+          f"{len(trace)} requests over {trace[-1].arrival_s:.0f}s as recorded", flush=True)
     from disagg.request import SamplingParams    # warm-up: a few prompts of assorted lengths, untimed
     eng.generate([[5] * n for n in (16, 200, 1000) if n < max_len],
                  SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
-    t = time.perf_counter()
-    real = replay(eng, trace, prompts)
-    print(f"replayed in {time.perf_counter() - t:.0f}s, {real['steps']} steps, largest add lag "
-          f"{real['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
-    measured = stats(real["arrival"], real["first"], real["done"], real["num_out"])
+    rates = [float(r) for r in args.rates.split(",")]
+    traces, reals = {}, {}
+    for rate in rates:
+        traces[rate] = rescale(trace, rate) if rate else trace
+        t = time.perf_counter()
+        reals[rate] = replay(eng, traces[rate], prompts)
+        print(f"rate {rate or 'as recorded'}: replayed in {time.perf_counter() - t:.0f}s, {reals[rate]['steps']} "
+              f"steps, largest add lag {reals[rate]['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
 
     if args.profile:
         prof = load_profile(args.profile)
@@ -212,27 +214,34 @@ def main() -> int:
     scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                      block_size=eng.runner.block_size, num_blocks=eng.runner.num_blocks)
-    sims = {}
-    for label, pm in (("profile", ProfileModel({**prof, "gpu": model_gpu})), ("roofline", RooflineModel(mc, model_gpu))):
-        t = time.perf_counter()
-        s = summarize(simulate(trace, scfg, pm))
-        sims[label] = {k: s[k] for k in ("ttft_s", "tpot_s", "e2e_s")}
-        sims[label]["sim_wall_s"] = time.perf_counter() - t
-    rows = []
-    print(f"\n{'':<10}{'measured':>10}{'profile':>10}{'error':>8}{'roofline':>10}{'error':>8}")
-    for key in ("ttft_s", "tpot_s", "e2e_s"):
-        for p in ("p50", "p90", "mean"):
-            m, a, b = measured[key][p], sims["profile"][key][p], sims["roofline"][key][p]
-            rows.append({"metric": f"{key[:-2]} {p}", "measured_s": m, "profile_s": a, "roofline_s": b,
-                         "profile_error": a / m - 1, "roofline_error": b / m - 1})
-            print(f"{key[:-2] + ' ' + p:<10}{m * 1e3:>9.1f}m{a * 1e3:>9.1f}m{a / m - 1:>+8.1%}"
-                  f"{b * 1e3:>9.1f}m{b / m - 1:>+8.1%}")
+    points = []
+    models = {"profile": ProfileModel({**prof, "gpu": model_gpu}), "roofline": RooflineModel(mc, model_gpu)}
+    for rate in rates:
+        real = reals[rate]
+        measured = stats(real["arrival"], real["first"], real["done"], real["num_out"])
+        sims, rows = {}, []
+        for label, pm in models.items():
+            t = time.perf_counter()
+            s = summarize(simulate(traces[rate], scfg, pm))
+            sims[label] = {k: s[k] for k in ("ttft_s", "tpot_s", "e2e_s")}
+            sims[label]["sim_wall_s"] = time.perf_counter() - t
+        print(f"\nrate {rate or 'as recorded'} ({len(trace)} requests over {traces[rate][-1].arrival_s:.0f}s)")
+        print(f"{'':<10}{'measured':>10}{'profile':>10}{'error':>8}{'roofline':>10}{'error':>8}")
+        for key in ("ttft_s", "tpot_s", "e2e_s"):
+            for p in ("p50", "p90", "mean"):
+                m, a, b = measured[key][p], sims["profile"][key][p], sims["roofline"][key][p]
+                rows.append({"metric": f"{key[:-2]} {p}", "measured_s": m, "profile_s": a, "roofline_s": b,
+                             "profile_error": a / m - 1, "roofline_error": b / m - 1})
+                print(f"{key[:-2] + ' ' + p:<10}{m * 1e3:>9.1f}m{a * 1e3:>9.1f}m{a / m - 1:>+8.1%}"
+                      f"{b * 1e3:>9.1f}m{b / m - 1:>+8.1%}")
+        points.append({"rate": rate or None, "span_s": traces[rate][-1].arrival_s, "measured": measured,
+                       "simulated": sims, "rows": rows, "engine_steps": real["steps"],
+                       "max_add_lag_s": real["max_add_lag_s"]})
     slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
     out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
-           "start": args.start, "requests": len(trace), "rate": args.rate, "num_blocks": eng.runner.num_blocks,
+           "start": args.start, "requests": len(trace), "num_blocks": eng.runner.num_blocks,
            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-           "measured": measured, "simulated": sims, "rows": rows, "engine_steps": real["steps"],
-           "max_add_lag_s": real["max_add_lag_s"], "argv": sys.argv[1:],
+           "points": points, "argv": sys.argv[1:],
            "profile_validation": prof.get("validation"), "profile_elapsed_s": prof.get("elapsed_s")}
     path = args.out or os.path.join(ROOT, "benchmarks/results", f"sim_fidelity_{slug}_{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

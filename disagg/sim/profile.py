@@ -52,15 +52,21 @@ def log(msg: str) -> None:
 
 
 class _Blocks:
-    """Distinct block ids, handed out in order, reset per measurement."""
+    """Distinct block ids scattered over the whole cache (as after churn), one pool per measurement."""
+    _order: dict[int, list[int]] = {}
 
     def __init__(self, n: int):
-        self.n, self.next = n, 0
+        if n not in self._order:
+            import random
+            ids = list(range(n))
+            random.Random(0).shuffle(ids)
+            self._order[n] = ids
+        self.ids, self.next = self._order[n], 0
 
     def take(self, k: int) -> list[int]:
-        if self.next + k > self.n:
+        if self.next + k > len(self.ids):
             raise MemoryError("KV cache too small for this point")
-        out = list(range(self.next, self.next + k))
+        out = self.ids[self.next:self.next + k]
         self.next += k
         return out
 
