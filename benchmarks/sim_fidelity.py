@@ -5,13 +5,13 @@
     python benchmarks/sim_fidelity.py --device cpu --model-config tiny --requests 16 --max-prompt 96 \
         --max-output 24 --quick-profile                        # CPU smoke run (minutes, numbers meaningless)
 
-1. The real engine: LLMEngine (scheduler, block manager, model runner, CUDA graphs) in this
+1. The performance model: `disagg profile`'s measurements (disagg/sim/profile.py) on the very
+   runner that then serves (or --profile FILE); measuring first also warms every kernel shape.
+2. The real engine: LLMEngine (scheduler, block manager, model runner, CUDA graphs) in this
    process, random weights of the model's shapes (--load-format dummy), bf16 on GPU. An open-loop
-   driver thread releases each request at its trace arrival time (rescaled to each of --rates); the engine
-   loop adds what arrived, steps, and timestamps every token. Prompts are random token ids of the
-   trace's length; each answer is forced to the trace's length (ignore_eos, max_tokens).
-2. The performance model: `disagg profile`'s measurements (disagg/sim/profile.py), taken on the
-   very runner that just served (or --profile FILE).
+   driver thread releases each request at its trace arrival time (rescaled to each of --rates); the
+   engine loop adds what arrived, steps, and timestamps every token. Prompts are random token ids of
+   the trace's length; each answer is forced to the trace's length (ignore_eos, max_tokens).
 3. The simulator on the same requests and engine settings (KV blocks, max_num_seqs, token budget),
    with the measured profile and, for reference, the analytic roofline model.
 
@@ -82,6 +82,15 @@ def replay(eng, trace, prompts) -> dict:
     first, done, nout, added = [None] * n, [None] * n, [0] * n, [None] * n
     finished = 0
     steps = 0
+    shapes, secs = [], []                 # per step: (decodes, KV tokens, prefill chunks), seconds
+    schedule = eng.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        if out:
+            shapes.append(step_shape(out))
+        return out
+    eng.scheduler.schedule = recording_schedule
     while finished < n:
         try:
             i = q.get(timeout=0.05) if not eng.has_unfinished() else q.get_nowait()
@@ -94,9 +103,12 @@ def replay(eng, trace, prompts) -> dict:
             pass
         if not eng.has_unfinished():
             continue
+        ts = time.perf_counter()
         outs = eng.step()
         steps += 1
         t = time.perf_counter()
+        if len(secs) < len(shapes):
+            secs.append(t - ts)
         for o in outs:
             i = int(o.request_id)
             if o.new_token_ids and first[i] is None:
@@ -105,9 +117,30 @@ def replay(eng, trace, prompts) -> dict:
             if o.finished:
                 done[i] = t
                 finished += 1
+    eng.scheduler.schedule = schedule
     arrival = [t0 + r.arrival_s for r in trace]
     return {"arrival": arrival, "first": first, "done": done, "num_out": nout, "steps": steps,
-            "max_add_lag_s": max(a - b for a, b in zip(added, arrival))}
+            "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs}
+
+
+def step_errors(real: dict, pm) -> dict:
+    """The step-time model against every step the engine ran: median and P90 of predicted / measured,
+    for decode-only (CUDA graph) and mixed (eager, with prefill chunks) steps."""
+    import numpy as np
+    out = {}
+    for kind, pick in (("decode", lambda c: not c), ("mixed", lambda c: bool(c))):
+        r = [pm.step_time(b, k, c) / s for (b, k, c), s in zip(real["shapes"], real["step_s"]) if pick(c)]
+        if r:
+            out[kind] = {"steps": len(r), "median_ratio": float(np.median(r)), "p10_ratio": float(np.percentile(r, 10)),
+                         "p90_ratio": float(np.percentile(r, 90)),
+                         "measured_s": float(np.sum([s for (b, k, c), s in zip(real["shapes"], real["step_s"])
+                                                     if pick(c)]))}
+    return out
+
+
+def step_shape(out):
+    from disagg.sim.workers import step_shape as shape
+    return shape(out)
 
 
 def stats(arrival, first, done, nout) -> dict:
@@ -188,15 +221,8 @@ def main() -> int:
     eng.generate([[5] * n for n in (16, 200, 1000) if n < max_len],
                  SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
-    rates = [float(r) for r in args.rates.split(",")]
-    traces, reals = {}, {}
-    for rate in rates:
-        traces[rate] = rescale(trace, rate) if rate else trace
-        t = time.perf_counter()
-        reals[rate] = replay(eng, traces[rate], prompts)
-        print(f"rate {rate or 'as recorded'}: replayed in {time.perf_counter() - t:.0f}s, {reals[rate]['steps']} "
-              f"steps, largest add lag {reals[rate]['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
-
+    # The profile first: it runs every kernel at every shape it measures, so the replays below
+    # meet no first-call compilation (Triton specialises on shapes).
     if args.profile:
         prof = load_profile(args.profile)
     else:
@@ -208,6 +234,17 @@ def main() -> int:
         if args.profile_out:
             with open(args.profile_out, "w") as f:
                 json.dump(prof, f, indent=1)
+    eng.generate([[5] * n for n in (16, 200, 1000) if n < max_len],
+                 SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    rates = [float(r) for r in args.rates.split(",")]
+    traces, reals = {}, {}
+    for rate in rates:
+        traces[rate] = rescale(trace, rate) if rate else trace
+        t = time.perf_counter()
+        reals[rate] = replay(eng, traces[rate], prompts)
+        print(f"rate {rate or 'as recorded'}: replayed in {time.perf_counter() - t:.0f}s, {reals[rate]['steps']} "
+              f"steps, largest add lag {reals[rate]['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
+
     model_gpu = sim_profile._gpu_for_model(gpu_name)
     from disagg.config import ModelConfig
     mc = ModelConfig.from_hf_dict(hf, name=name)
@@ -234,9 +271,13 @@ def main() -> int:
                              "profile_error": a / m - 1, "roofline_error": b / m - 1})
                 print(f"{key[:-2] + ' ' + p:<10}{m * 1e3:>9.1f}m{a * 1e3:>9.1f}m{a / m - 1:>+8.1%}"
                       f"{b * 1e3:>9.1f}m{b / m - 1:>+8.1%}")
+        errs = step_errors(real, models["profile"])
+        print("step model (profile) / measured: " + ", ".join(
+            f"{k} steps x{v['median_ratio']:.3f} median (P10 x{v['p10_ratio']:.2f}, P90 x{v['p90_ratio']:.2f}, "
+            f"{v['steps']} steps)" for k, v in errs.items()))
         points.append({"rate": rate or None, "span_s": traces[rate][-1].arrival_s, "measured": measured,
                        "simulated": sims, "rows": rows, "engine_steps": real["steps"],
-                       "max_add_lag_s": real["max_add_lag_s"]})
+                       "max_add_lag_s": real["max_add_lag_s"], "step_model_vs_measured": errs})
     slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
     out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
            "start": args.start, "requests": len(trace), "num_blocks": eng.runner.num_blocks,
