@@ -70,7 +70,17 @@ def server_cmd(mode: str, ckpt: str, port: int, args) -> list[str]:
         return [sys.executable, os.path.join(ROOT, "benchmarks", "hf_server.py"), ckpt, "--load-format", "dummy",
                 "--port", str(port)]
     return ([sys.executable, "-m", "disagg.cli", "serve", ckpt, "--load-format", "dummy", "--port", str(port),
-             "--max-model-len", str(args.max_model_len)] + CLUSTER_ARGS[mode] + shlex.split(args.server_args))
+             "--max-model-len", str(args.max_model_len)] + scaled(CLUSTER_ARGS[mode], args.scale)
+            + shlex.split(args.server_args))
+
+
+def scaled(cluster_args: list[str], k: int) -> list[str]:
+    """--scale K: K times the workers of each setup (4 GPUs: --scale 2 = 2P+2D against 4 replicas)."""
+    out = list(cluster_args)
+    for flag in ("--prefill", "--decode"):
+        i = out.index(flag)
+        out[i + 1] = str(int(out[i + 1]) * k)
+    return out
 
 
 # ---------------------------------------------------------------------- workloads and points
@@ -293,6 +303,7 @@ def parse_args(argv=None):
     ap.add_argument("--server-args", default=None, help="extra `disagg serve` flags for the cluster setups")
     ap.add_argument("--traces-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=int, default=1, help="K times the workers of each cluster setup (K x 2 GPUs)")
     ap.add_argument("--out", default=None, help="JSON path (default results/goodput_<shape>_<device>.json)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     ap.add_argument("--report", nargs="?", const="", default=None, metavar="JSON", help="print the report and exit")
