@@ -123,6 +123,30 @@ def replay(eng, trace, prompts) -> dict:
             "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs}
 
 
+def warm_up(eng, max_len: int, budget: int, vocab: int) -> float:
+    """Eager steps at every prompt-length class before anything is timed: Triton specialises its
+    kernels on sizes (and compiles each variant on first use, ~1 s), so a first replay would otherwise
+    pay for compilation inside its TTFTs. Prompts of 2^k - 1, 2^k and 2^k + 8 tokens (k = 4..), each
+    joining a batch of running decodes (mixed steps) and alone (prefill steps)."""
+    from disagg.request import SamplingParams
+    t = time.perf_counter()
+    lengths = sorted({n for k in range(4, 14) for n in (2 ** k - 1, 2 ** k, 2 ** k + 8) if n < min(max_len, 2 * budget)})
+    long = SamplingParams(max_tokens=10 ** 6, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    eng.generate([[7] * n for n in lengths], short)                      # alone / batched prefills
+    for i in range(8):                                                   # decodes to mix with
+        eng.add_request([5 + i] * 64, long, request_id=f"warm-decode-{i}")
+    for i, n in enumerate(lengths):
+        eng.add_request([9] * n, short, request_id=f"warm-{i}")
+        for _ in range(3):
+            eng.step()
+    for i in range(8):
+        eng.abort(f"warm-decode-{i}")
+    while eng.has_unfinished():
+        eng.step()
+    return time.perf_counter() - t
+
+
 def step_errors(real: dict, pm) -> dict:
     """The step-time model against every step the engine ran: median and P90 of predicted / measured,
     for decode-only (CUDA graph) and mixed (eager, with prefill chunks) steps."""
@@ -141,6 +165,12 @@ def step_errors(real: dict, pm) -> dict:
 def step_shape(out):
     from disagg.sim.workers import step_shape as shape
     return shape(out)
+
+
+def per_request(real: dict) -> dict:
+    a, f, d, n = real["arrival"], real["first"], real["done"], real["num_out"]
+    return {"ttft_s": [y - x for x, y in zip(a, f)],
+            "tpot_s": [(z - y) / (k - 1) if k > 1 else None for y, z, k in zip(f, d, n)]}
 
 
 def stats(arrival, first, done, nout) -> dict:
@@ -185,7 +215,7 @@ def main() -> int:
     from disagg.sim.gpus import gpu
     from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
     from disagg.sim.report import summarize
-    from disagg.sim.simulator import SimConfig, simulate
+    from disagg.sim.simulator import SimConfig, Simulator
     from disagg.traces import cap_lengths, load_csv, rescale
 
     if args.model_config == "tiny":
@@ -234,8 +264,8 @@ def main() -> int:
         if args.profile_out:
             with open(args.profile_out, "w") as f:
                 json.dump(prof, f, indent=1)
-    eng.generate([[5] * n for n in (16, 200, 1000) if n < max_len],
-                 SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    print(f"warm-up (every prompt-length class, alone and mixed): "
+          f"{warm_up(eng, max_len, args.max_num_batched_tokens, hf['vocab_size']):.0f}s", flush=True)
     rates = [float(r) for r in args.rates.split(",")]
     traces, reals = {}, {}
     for rate in rates:
@@ -259,9 +289,15 @@ def main() -> int:
         sims, rows = {}, []
         for label, pm in models.items():
             t = time.perf_counter()
-            s = summarize(simulate(traces[rate], scfg, pm))
+            sim = Simulator(traces[rate], scfg, pm)
+            sim.step_log = []
+            s = summarize(sim.run())
             sims[label] = {k: s[k] for k in ("ttft_s", "tpot_s", "e2e_s")}
             sims[label]["sim_wall_s"] = time.perf_counter() - t
+            sims[label]["steps"] = sum(w.steps for w in sim.workers)
+            sims[label]["mixed_steps"] = sum(1 for _, _, sch in sim.step_log if any(n > 1 for _, n in sch))
+            sims[label]["busy_s"] = sum(w.busy_s for w in sim.workers)
+            sims[label]["per_request"] = {k: s["per_request"][k] for k in ("ttft_s", "tpot_s")}
         print(f"\nrate {rate or 'as recorded'} ({len(trace)} requests over {traces[rate][-1].arrival_s:.0f}s)")
         print(f"{'':<10}{'measured':>10}{'profile':>10}{'error':>8}{'roofline':>10}{'error':>8}")
         for key in ("ttft_s", "tpot_s", "e2e_s"):
@@ -275,9 +311,15 @@ def main() -> int:
         print("step model (profile) / measured: " + ", ".join(
             f"{k} steps x{v['median_ratio']:.3f} median (P10 x{v['p10_ratio']:.2f}, P90 x{v['p90_ratio']:.2f}, "
             f"{v['steps']} steps)" for k, v in errs.items()))
+        mixed = sum(1 for _, _, c in real["shapes"] if c)
+        print(f"engine: {real['steps']} steps ({mixed} with prefill chunks), {sum(real['step_s']):.1f}s busy; "
+              f"simulated (profile): {sims['profile']['steps']} steps ({sims['profile']['mixed_steps']} with prefill "
+              f"chunks), {sims['profile']['busy_s']:.1f}s busy")
         points.append({"rate": rate or None, "span_s": traces[rate][-1].arrival_s, "measured": measured,
-                       "simulated": sims, "rows": rows, "engine_steps": real["steps"],
-                       "max_add_lag_s": real["max_add_lag_s"], "step_model_vs_measured": errs})
+                       "simulated": sims, "rows": rows, "engine_steps": real["steps"], "engine_mixed_steps": mixed,
+                       "engine_busy_s": sum(real["step_s"]), "max_add_lag_s": real["max_add_lag_s"],
+                       "step_model_vs_measured": errs, "per_request": per_request(real),
+                       "steps": [[b, k, c, round(x, 6)] for (b, k, c), x in zip(real["shapes"], real["step_s"])]})
     slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
     out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
            "start": args.start, "requests": len(trace), "num_blocks": eng.runner.num_blocks,

@@ -39,6 +39,18 @@ def model_key(spec: str) -> str:
     return os.path.splitext(name)[0].replace("-", "_")
 
 
+def find_profile(gpu_name: str, spec: str) -> str | None:
+    """The shipped profile for a GPU and model: profiles/<gpu>_<model>.json, the model named by its
+    config file (llama3_8b, smollm2_135m) or by the short name given (smollm2)."""
+    from disagg.sim.gpus import gpu_key
+    g = gpu_key(gpu_name)
+    for key in (model_key(spec), os.path.splitext(os.path.basename(spec))[0].replace("-", "_")):
+        path = os.path.join(HERE, "profiles", f"{g}_{key}.json")
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def find_trace(spec: str) -> str:
     if spec in TRACES:
         for d in TRACE_DIRS:
@@ -93,13 +105,11 @@ def load_trace(args):
 
 def perf_models(args, mc):
     """(decode / colocated model, prefill model) for the GPU, TPs and link asked for."""
-    from disagg.sim.gpus import gpu_key
     from disagg.sim.perf_model import load_profile, make_model
     prof = None
     path = args.profile
     if path is None and not args.roofline:
-        cand = os.path.join(HERE, "profiles", f"{gpu_key(args.gpu)}_{model_key(args.model)}.json")
-        path = cand if os.path.exists(cand) else None
+        path = find_profile(args.gpu, args.model)
     if path:
         prof = load_profile(path)
     return (make_model(mc, args.gpu, args.decode_tp, args.link, prof),
@@ -175,9 +185,8 @@ def cmd_plan(args) -> int:
     tr = load_trace(args)
     prof = None
     if not args.roofline:
-        from disagg.sim.gpus import gpu_key
-        path = args.profile or os.path.join(HERE, "profiles", f"{gpu_key(args.gpu)}_{model_key(args.model)}.json")
-        prof = load_profile(path) if os.path.exists(path) else None
+        path = args.profile or find_profile(args.gpu, args.model)
+        prof = load_profile(path) if path else None
     base = sim_config(args, num_prefill=0, num_decode=1)
     tps = tuple(int(t) for t in args.tp.split(","))
     pl = Planner(tr, base, lambda tp: make_model(mc, args.gpu, tp, args.link, prof), slo, args.max_gpus,

@@ -38,6 +38,9 @@ def test_roofline_reproduces_the_h200_figures_it_was_fitted_to():
 
 def test_tensor_parallel_model():
     mc = config("llama3_8b.json")
+    h200 = RooflineModel(mc, "h200", tp=2)                   # RESULTS.md issue 6: TP=2 decode, 1,024 tokens
+    for b, ms in ((1, 4.11), (64, 6.14)):
+        assert h200._tp(h200._decode(b, b * 1024), b, b) * 1e3 == pytest.approx(ms, rel=0.06)
     one, two = RooflineModel(mc, "h100"), RooflineModel(mc, "h100", tp=2)
     assert two.decode_time(32, 32 * 1024) < one.decode_time(32, 32 * 1024)
     assert two.prefill_chunks_time([(2048, 0)]) < one.prefill_chunks_time([(2048, 0)])
