@@ -136,6 +136,7 @@ class WorkerLoad:
     prefill_s_per_token: float = 0.0   # measured prefill cost (moving average; 0: not measured yet)
     prefix_cache_queries: int = 0  # tokens looked up in this worker's prefix cache (cumulative)
     prefix_cache_hits: int = 0     # of which found there: not computed (prefill) or not transferred (decode)
+    num_prompts_done: int = 0      # prefill: first tokens emitted so far (monotonic; the router spots stale reports)
 
 
 @dataclass(frozen=True)

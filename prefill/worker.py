@@ -57,6 +57,7 @@ class PrefillWorker:
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = Outbox()
         self.s_per_token = 0.0      # moving average of step seconds per prompt token (steps of >= 64 tokens)
+        self.prompts_done = 0
 
     # ------------------------------------------------------------------ cross-thread API
     def submit(self, msg: PrefillRequest) -> None:
@@ -69,6 +70,7 @@ class PrefillWorker:
         return self.outbox.take(timeout)
 
     def _emit(self, items: list[TokenOutput]) -> None:
+        self.prompts_done += sum(1 for t in items if t.new_token_ids)   # first tokens, counted before they go out
         self.outbox.put(items)
 
     def load(self) -> WorkerLoad:
@@ -77,7 +79,8 @@ class PrefillWorker:
         pc = self.scheduler.prefix_stats
         return WorkerLoad(self.rank, "prefill", self.scheduler.num_running, self.scheduler.num_waiting + self.inbox.qsize(),
                           queued, self.bm.num_free_blocks, self.bm.num_blocks, prefill_s_per_token=self.s_per_token,
-                          prefix_cache_queries=pc.queries, prefix_cache_hits=pc.hits)
+                          prefix_cache_queries=pc.queries, prefix_cache_hits=pc.hits,
+                          num_prompts_done=self.prompts_done)
 
     # ------------------------------------------------------------------ engine thread
     def _drain_inbox(self, block: bool) -> None:

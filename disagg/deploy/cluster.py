@@ -453,7 +453,7 @@ class DisaggEngine:
                     if isinstance(ld, BaseException) or isinstance(st, BaseException):
                         self._mark_dead(r, ld if isinstance(ld, BaseException) else st)
                     else:
-                        self.dispatcher.loads[r] = decode(ld, WorkerLoad)
+                        self.dispatcher.report(r, decode(ld, WorkerLoad))
                         self._worker_stats[r] = st
                 self._update_stats()
             except asyncio.CancelledError:

@@ -57,6 +57,7 @@ class Dispatcher:
         self._rr = itertools.count()
         self.prefix: PrefixIndex | None = None     # cache-aware routing; None: least-loaded picks
         self.dest_cached: dict[str, int] = {}      # request id -> prompt tokens its decode worker holds (Reserve)
+        self.prompts_seen: dict[int, int] = {}     # prefill rank -> first tokens received from it
 
     # ------------------------------------------------------------------ liveness
     def live(self, ranks: list[int]) -> list[int]:
@@ -196,7 +197,18 @@ class Dispatcher:
         counting the prompt as queued there. (Otherwise a conversation's next turn, sent at once,
         sees its own previous turn as load on the very worker that caches its history, and the
         cache-aware pick goes elsewhere. At worst this under-counts until the next report.)"""
+        self.prompts_seen[rank] = self.prompts_seen.get(rank, 0) + 1
         w = self.loads.get(rank)
         if w is not None:
             self.loads[rank] = replace(w, num_waiting=max(0, w.num_waiting - 1),
                                        queued_prompt_tokens=max(0, w.queued_prompt_tokens - tokens))
+
+    def report(self, rank: int, load: WorkerLoad) -> bool:
+        """Take a worker's load report, unless it is older than what the router already knows: a
+        prefill report counting fewer first tokens emitted than the router received from that worker
+        was taken before they went out (it would count their prompts as queued again). False: ignored;
+        the next report (a poll later) replaces it."""
+        if load.role == "prefill" and load.num_prompts_done < self.prompts_seen.get(rank, 0):
+            return False
+        self.loads[rank] = load
+        return True

@@ -65,3 +65,16 @@ def test_a_finished_prefill_stops_counting_as_load_on_its_worker():
     d.prefill_done(0, len(turn1))                     # its first token came back
     assert d.pick_prefill(k2, len(turn2)) == 0
     assert d.loads[0].queued_prompt_tokens == 0 and d.loads[0].num_waiting == 0
+
+
+def test_a_load_report_older_than_a_received_first_token_is_ignored():
+    d = _dispatcher(True)
+    d.loads[0] = WorkerLoad(0, "prefill", 0, 0, 0, 500, 500)
+    for _ in range(4):                                # 4 prompts sent to rank 0, their first tokens back
+        d.bump(0, tokens=200)
+        d.prefill_done(0, 200)
+    stale = WorkerLoad(0, "prefill", 1, 0, 200, 500, 500, num_prompts_done=3)   # taken before the 4th finished
+    assert not d.report(0, stale) and d.loads[0].queued_prompt_tokens == 0
+    fresh = WorkerLoad(0, "prefill", 0, 1, 50, 500, 500, num_prompts_done=4)
+    assert d.report(0, fresh) and d.loads[0] is fresh
+    assert d.report(2, WorkerLoad(2, "decode", 0, 0, 0, 1, 500))     # decode reports are always taken
