@@ -15,7 +15,8 @@ of the tokens; the GPU synchronized before and after; median of several runs):
     mixed        decodes + a prefill chunk in one step: measured against the model's prediction
                  (PerfModel.prefill_chunks_time), reported as `validation`, not used by it
     host         Scheduler.schedule + update (+ one RequestOutput each) against the batch size
-    codecs       per layer: gather + encode (prefill side), decode + checksum + scatter (decode side)
+    codecs       per layer: gather + encode (prefill side), decode + checksum + scatter (decode side),
+                 all of the model's layers back to back, one synchronisation (as a prompt streams)
     link         --link-peer cuda:1: copies to the peer GPU (latency + bytes / bandwidth);
                  otherwise the datasheet link (disagg/sim/gpus.py, fitted to NCCL on two H200s)
 
@@ -271,9 +272,12 @@ class _Measure:
                     kv, ok = c.decode(payload, shape, r.dtype)
                     r.kernels.write_kv(kv[0], kv[1], kc, vc, slots)
                     return ok
+                # A prompt streams one message per layer, back to back: time all of a model's layers
+                # with one synchronisation (a sync per layer would add its round trip to each).
+                L = mc.num_layers
                 ent["tokens"].append(t)
-                ent["encode_s"].append(self._time(enc))
-                ent["decode_s"].append(self._time(dec))
+                ent["encode_s"].append(self._time(lambda: [enc() for _ in range(L)]) / L)
+                ent["decode_s"].append(self._time(lambda: [dec() for _ in range(L)]) / L)
                 ent["ratio"] = c.compression_ratio(shape, r.dtype)
             res[name] = ent
         return res
