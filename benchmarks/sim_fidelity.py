@@ -123,14 +123,15 @@ def replay(eng, trace, prompts) -> dict:
             "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs}
 
 
-def warm_up(eng, max_len: int, budget: int, vocab: int) -> float:
+def warm_up(eng, max_len: int, budget: int) -> float:
     """Eager steps at every prompt-length class before anything is timed: Triton specialises its
     kernels on sizes (and compiles each variant on first use, ~1 s), so a first replay would otherwise
     pay for compilation inside its TTFTs. Prompts of 2^k - 1, 2^k and 2^k + 8 tokens (k = 4..), each
     joining a batch of running decodes (mixed steps) and alone (prefill steps)."""
     from disagg.request import SamplingParams
     t = time.perf_counter()
-    lengths = sorted({n for k in range(4, 14) for n in (2 ** k - 1, 2 ** k, 2 ** k + 8) if n < min(max_len, 2 * budget)})
+    top = min(max_len, 2 * budget)
+    lengths = sorted({n for k in range(4, 14) for n in (2 ** k - 1, 2 ** k, 2 ** k + 8) if n < top})
     long = SamplingParams(max_tokens=10 ** 6, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     eng.generate([[7] * n for n in lengths], short)                      # alone / batched prefills
@@ -212,7 +213,6 @@ def main() -> int:
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim import profile as sim_profile
     from disagg.sim.cli import model_config
-    from disagg.sim.gpus import gpu
     from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
     from disagg.sim.report import summarize
     from disagg.sim.simulator import SimConfig, Simulator
@@ -222,8 +222,9 @@ def main() -> int:
         hf, name = dict(TINY), "tiny"
     else:
         mc0 = model_config(args.model_config)
+        shipped = {"llama3-8b": "llama3_8b.json", "smollm2": "smollm2_135m.json"}
         path = args.model_config if os.path.exists(args.model_config) else os.path.join(
-            ROOT, "disagg/sim/configs", {"llama3-8b": "llama3_8b.json", "smollm2": "smollm2_135m.json"}[args.model_config])
+            ROOT, "disagg/sim/configs", shipped[args.model_config])
         hf, name = json.load(open(path)), mc0.name
     dev = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
@@ -265,7 +266,7 @@ def main() -> int:
             with open(args.profile_out, "w") as f:
                 json.dump(prof, f, indent=1)
     print(f"warm-up (every prompt-length class, alone and mixed): "
-          f"{warm_up(eng, max_len, args.max_num_batched_tokens, hf['vocab_size']):.0f}s", flush=True)
+          f"{warm_up(eng, max_len, args.max_num_batched_tokens):.0f}s", flush=True)
     rates = [float(r) for r in args.rates.split(",")]
     traces, reals = {}, {}
     for rate in rates:

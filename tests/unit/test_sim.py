@@ -3,7 +3,6 @@ computed by hand, and the same schedule as the real colocated engine on a fake c
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import replace
@@ -190,8 +189,8 @@ def test_simulator_schedules_like_the_real_colocated_engine(tmp_path):
     finally:
         torch.set_num_threads(threads)
     from disagg.sim.simulator import Simulator
-    sim = Simulator(tr, SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=512, num_blocks=blocks,
-                                  coalesce=False), m)
+    sim = Simulator(tr, SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=512,
+                                  num_blocks=blocks, coalesce=False), m)
     sim.step_log = []
     res = sim.run()
     assert sum(1 for _, _, sched in sim.step_log for rid, n in sched if n > 1) > 30       # prefill chunks
