@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
-from datetime import timedelta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -42,7 +40,6 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from disagg.config import ModelConfig  # noqa: E402
@@ -199,22 +196,6 @@ def check(p: Prefill, rank: int, S: int, dev) -> dict:
     return out
 
 
-def run_rank(rank: int, world: int, port: int, a: dict) -> None:
-    dev = torch.device("cuda", rank) if not a["tiny"] else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    else:
-        torch.set_num_threads(1)
-    kw = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=timedelta(seconds=1800), **kw)
-    try:
-        _bench(rank, world, dev, a)
-    finally:
-        dist.destroy_process_group()
-
-
 def _bench(rank: int, world: int, dev, a: dict) -> None:
     cfg = model_config(a["tiny"])
     lengths = a["lengths"]
@@ -300,10 +281,7 @@ def main() -> None:
         a.check_len = 257 if a.tiny else 4096
     if not a.tiny and torch.cuda.device_count() < a.gpus:
         raise SystemExit(f"need {a.gpus} GPUs, found {torch.cuda.device_count()} (use --tiny on CPU)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(run_rank, args=(a.gpus, port, vars(a)), nprocs=a.gpus, join=True)
+    common.spawn_ranks(_bench, a.gpus, vars(a))
 
 
 if __name__ == "__main__":

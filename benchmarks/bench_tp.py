@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 import traceback
 from dataclasses import replace
-from datetime import timedelta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -37,7 +35,6 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_engine import BlockPool, decode_batch, forward_fn, weight_bytes, write_model_dir  # noqa: E402
@@ -90,22 +87,6 @@ def bench_runner(runner, rank: int, world: int, batches, contexts, iters: int, w
                       f"({how}) {fwd_t['median_s'] * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms")
             rows.append(row)
     return rows
-
-
-def run_rank(rank: int, world: int, port: int, a: dict) -> None:
-    dev = torch.device("cuda", rank) if not a["tiny"] else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    else:
-        torch.set_num_threads(1)
-    kw = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=timedelta(seconds=1800), **kw)
-    try:
-        _bench(rank, world, dev, a)
-    finally:
-        dist.destroy_process_group()
 
 
 def _bench(rank: int, world: int, dev, a: dict) -> None:
@@ -181,10 +162,7 @@ def main() -> None:
         a.iters, a.warmup = min(a.iters, 3), min(a.warmup, 1)
     elif torch.cuda.device_count() < 2:
         raise SystemExit("needs 2 GPUs (use --tiny on CPU)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(run_rank, args=(2, port, vars(a)), nprocs=2, join=True)
+    common.spawn_ranks(_bench, 2, vars(a))
 
 
 if __name__ == "__main__":

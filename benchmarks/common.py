@@ -143,3 +143,36 @@ def write_json(data: dict, filename: str, results_dir: str = RESULTS_DIR) -> lis
             f.write("\n")
         paths.append(path)
     return paths
+
+
+def _rank_main(rank: int, world: int, port: int, a: dict, bench: Callable) -> None:
+    """One spawned rank: its device (cuda:rank, or CPU when a["tiny"]), the process group (NCCL on
+    GPU, gloo on CPU, rendezvous on loopback), then bench(rank, world, device, a)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    dev = torch.device("cuda", rank) if not a["tiny"] else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    else:
+        torch.set_num_threads(1)
+    kw = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=1800), **kw)
+    try:
+        bench(rank, world, dev, a)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(bench: Callable, world: int, a: dict) -> None:
+    """Run bench(rank, world, device, a) in `world` spawned processes joined in one process group
+    (no torchrun). `bench` must be a module-level function (it is pickled by name)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, a, bench), nprocs=world, join=True)
