@@ -3,51 +3,14 @@ channel): an abort that overtakes its request's TransferPlan must neither crash 
 worker nor desynchronise the wire for the next request."""
 from __future__ import annotations
 
-from collections import defaultdict, deque
-
 import torch
 
 from conftest import make_engine
+from loopback import LoopbackHub
 from disagg.messages import PrefillRequest, Reserve, decode, encode, params_to_dict
 from disagg.request import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-class _Hub:
-    """FIFO per (src, dst, tag) between ranks of one process."""
-
-    def __init__(self):
-        self.q: dict[tuple, deque] = defaultdict(deque)
-
-    def endpoint(self, rank: int):
-        hub = self
-
-        class Work:
-            def __init__(self, done):
-                self.done = done
-
-            def is_completed(self):
-                return self.done()
-
-            def wait(self):
-                assert self.done()
-
-        class End:
-            def isend(self, t, peer, tag=0):
-                hub.q[(rank, peer, tag)].append(t.clone())
-                return Work(lambda: True)
-
-            def irecv(self, t, peer, tag=0):
-                state = {"done": False}
-
-                def done():
-                    if not state["done"] and hub.q[(peer, rank, tag)]:
-                        t.copy_(hub.q[(peer, rank, tag)].popleft())
-                        state["done"] = True
-                    return state["done"]
-                return Work(done)
-        return End()
 
 
 def _workers(model_dir):
@@ -57,7 +20,7 @@ def _workers(model_dir):
     from prefill.worker import PrefillWorker
     cfg = EngineConfig(model_dir, dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=128),
                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
-    hub = _Hub()
+    hub = LoopbackHub()
     dw = DecodeWorker(cfg, 1, hub.endpoint(1), get_codec("none"))
     pw = PrefillWorker(cfg, 0, hub.endpoint(0), get_codec("none"), lambda dest, msg: dw.control(decode(encode(msg))))
     return pw, dw
