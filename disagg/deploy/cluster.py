@@ -44,6 +44,7 @@ import ray
 
 from disagg.config import EngineConfig, ModelConfig
 from disagg.deploy.actor import WorkerActor
+from disagg.deploy.cluster_config import ClusterConfig
 from disagg.deploy.config_codec import engine_config_to_dict
 from disagg.deploy.dispatch import Dispatcher
 from disagg.engine.async_engine import EngineDeadError, EngineStats
@@ -56,41 +57,6 @@ from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
 from kvtransfer.handshake import check_compatible
 from router.policy import make_ordering
 from router.prefix_index import PrefixIndex
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    engine: EngineConfig
-    num_prefill: int = 1
-    num_decode: int = 1
-    kv_codec: str = "auto"
-    address: str | None = None          # existing Ray cluster; None starts a local one
-    reserve_timeout_s: float = 30.0     # how long a request may wait for decode KV before a 503
-    use_gpus: bool | None = None        # None: when the Ray cluster has GPUs
-    local_prefill: str = "auto"         # auto: cost-based (should_prefill_locally); never; always
-    local_prefill_threshold: int = 256  # prompt tokens that ride along a decode step almost free
-    transfer_timeout_s: float = 30.0    # a KV transfer not landed by then is re-dispatched
-    kv_fault_rate: float = 0.0          # chaos testing only: flip a byte in this fraction of KV messages
-    prefill_cp: int = 1                 # GPUs per prefill worker: prompts >= prefill_cp_min_tokens use ring attention
-    prefill_cp_min_tokens: int = 4096
-    prefill_routing: str = "cache_aware"   # cache_aware: weigh each worker's cached prefix (router.prefix_index)
-                                           # against its load; least_loaded: the load alone
-
-    def __post_init__(self):
-        if self.num_prefill < 0 or self.num_decode < 1:
-            raise ValueError("--prefill must be at least 0 and --decode at least 1")
-        if self.kv_codec not in ("auto", "none", "fp8", "int8", "int4"):
-            raise ValueError("--kv-codec must be one of none, fp8, int8, int4, auto")
-        if self.local_prefill not in ("auto", "never", "always"):
-            raise ValueError("--local-prefill must be one of auto, never, always")
-        if self.num_prefill == 0 and self.local_prefill == "never":
-            raise ValueError("--local-prefill never needs a prefill pool (--prefill >= 1)")
-        if self.local_prefill_threshold < 0:
-            raise ValueError("--local-prefill-threshold must be >= 0")
-        if self.prefill_cp < 1 or self.prefill_cp_min_tokens < 1:
-            raise ValueError("--prefill-cp and --prefill-cp-min-tokens must be at least 1")
-        if self.prefill_routing not in ("cache_aware", "least_loaded"):
-            raise ValueError("--prefill-routing must be cache_aware or least_loaded")
 
 
 MAX_ATTEMPTS = 4     # a request is dispatched at most this many times (worker deaths, failed transfers)
@@ -146,29 +112,28 @@ class DisaggEngine:
         self.pg = None
         self.actors: dict = {}
         self.helpers: dict = {}           # rank -> context-parallel helper actor (no router traffic)
-        mc = ModelConfig.from_dir(cfg.engine.model_dir)
-        self._kv_bytes_per_token = mc.kv_bytes_per_token(cfg.engine.torch_dtype)   # raw; the codec scales it
-        self._num_params = mc.num_params
+        self._mc = ModelConfig.from_dir(cfg.engine.model_dir)
         sc = cfg.engine.scheduler
-        self.ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
+        ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
             aging_rate=sc.aging_rate, max_wait_s=sc.max_wait_s)))
-        self._make_dispatcher(list(range(cfg.num_prefill)),
-                              list(range(cfg.num_prefill, cfg.num_prefill + cfg.num_decode)), gpu=False)
+        self.prefill_ranks = list(range(cfg.num_prefill))
+        self.decode_ranks = list(range(cfg.num_prefill, cfg.num_prefill + cfg.num_decode))
+        self.dispatcher = Dispatcher(self.prefill_ranks, self.decode_ranks, ordering,
+                                     block_size=cfg.engine.cache.block_size, kv_bytes_per_token=0.0,
+                                     default_prefill_s_per_token=0.0, local_prefill=cfg.local_prefill,
+                                     local_prefill_threshold=cfg.local_prefill_threshold,
+                                     reserve_timeout_s=cfg.reserve_timeout_s)
+        self._set_costs(gpu=False)
+        if cfg.engine.cache.enable_prefix_caching and cfg.prefill_routing == "cache_aware":
+            self.dispatcher.prefix = PrefixIndex(cfg.engine.cache.block_size)
 
-    def _make_dispatcher(self, prefill_ranks: list[int], decode_ranks: list[int], gpu: bool) -> None:
-        c = self.cfg
-        self.prefill_ranks, self.decode_ranks = prefill_ranks, decode_ranks
-        # Before any prefill is measured: 2 FLOPs per parameter per token at a modest rate.
-        c_default = 2 * self._num_params / (2e14 if gpu else 5e10)
-        self.dispatcher = Dispatcher(prefill_ranks, decode_ranks, self.ordering,
-                                     block_size=c.engine.cache.block_size,
-                                     kv_bytes_per_token=self._kv_bytes_per_token / self.codec_ratio,
-                                     default_prefill_s_per_token=c_default, local_prefill=c.local_prefill,
-                                     local_prefill_threshold=c.local_prefill_threshold,
-                                     reserve_timeout_s=c.reserve_timeout_s)
-        self.dispatcher.link_bytes_per_s = self.link.get("bandwidth_bytes_per_s", 0.0)
-        if c.engine.cache.enable_prefix_caching and c.prefill_routing == "cache_aware":
-            self.dispatcher.prefix = PrefixIndex(c.engine.cache.block_size)
+    def _set_costs(self, gpu: bool) -> None:
+        """The dispatcher's cost inputs: wire bytes per token (after the codec), the measured link,
+        and, until a prefill is measured, 2 FLOPs per parameter per token at a modest rate."""
+        d = self.dispatcher
+        d.kv_bytes_per_token = self._mc.kv_bytes_per_token(self.cfg.engine.torch_dtype) / self.codec_ratio
+        d.link_bytes_per_s = self.link.get("bandwidth_bytes_per_s", 0.0)
+        d.default_c = 2 * self._mc.num_params / (2e14 if gpu else 5e10)
 
     @property
     def loads(self) -> dict[int, WorkerLoad]:
@@ -225,7 +190,7 @@ class DisaggEngine:
                              for r, a in self.actors.items()] + [h.start.remote(self.codec, {})
                                                                  for h in self.helpers.values()]):
             self.log(f"  {line}")
-        self._make_dispatcher(self.prefill_ranks, self.decode_ranks, gpu=use_gpu)
+        self._set_costs(gpu=use_gpu)
 
     def _ring_of(self, rank: int) -> dict | None:
         """A prefill worker's helpers (ranks P + D + p*(cp-1) ..., as kvtransfer.channel numbers them)."""
@@ -261,7 +226,7 @@ class DisaggEngine:
 
     def _set_codec_ratio(self) -> None:
         from kvtransfer.codec import get_codec
-        mc = ModelConfig.from_dir(self.cfg.engine.model_dir)
+        mc = self._mc
         self.codec_ratio = get_codec(self.codec).compression_ratio((2, 1024, mc.num_kv_heads, mc.head_dim),
                                                                    self.cfg.engine.torch_dtype)
 
