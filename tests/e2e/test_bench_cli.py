@@ -5,62 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
-import threading
 
 import pytest
 
 from disagg.bench import loadgen
+from serve_thread import Serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeServe:
+def FakeServe(tok_dir: str, **engine_kw) -> Serve:
     """router.server.Server over a FakeEngine (8 tokens a request at most), in a thread with its own loop."""
-
-    def __init__(self, tok_dir: str, **engine_kw):
-        self.tok_dir, self.engine_kw = tok_dir, engine_kw
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        from aiohttp import web
-
-        from disagg.model.tokenizer import Tokenizer
-        from router.fake_engine import FakeEngine
-        from router.server import Server
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.eng = FakeEngine(**self.engine_kw)
-            self.eng.start()
-            self.runner = web.AppRunner(Server(self.eng, Tokenizer(self.tok_dir), "fake-model", 512).app(),
-                                        handler_cancellation=True, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.loop.run_until_complete(start())
-        self._ready.set()
-        self.loop.run_forever()
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(60)
-        return self
-
-    def __exit__(self, *exc):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+    from disagg.model.tokenizer import Tokenizer
+    from router.fake_engine import FakeEngine
+    return Serve(lambda: FakeEngine(**engine_kw), Tokenizer(tok_dir), 512, name="fake-model")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +40,7 @@ def test_random_prompts_summary_and_json(tok_dir, tmp_path, capsys):
         rc, cap = _bench(["--url", srv.url, "--input-len", "20", "--output-len", "5", "--num-prompts", "12",
                           "--rate", "inf", "--goodput", "ttft:60000", "tpot:60000", "--save-result", str(out),
                           "--save-detailed"], capsys)
-        served = srv.eng.num_finished
+        served = srv.aeng.num_finished
     assert rc == 0 and served == 12
     assert "Serving Benchmark Result" in cap.out and "Successful requests:                     12" in cap.out
     d = json.loads(out.read_text())

@@ -19,62 +19,13 @@ import urllib.request
 import pytest
 
 from conftest import make_engine, write_tiny_tokenizer
+from serve_thread import MODEL, Serve, free_port
 
-MODEL = "tiny"
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 MSG = [{"role": "user", "content": "t5 t6 t7"}]
 
 
 # ---------------------------------------------------------------------- harness
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Serve:
-    """The real Server over `make_aeng()` (an AsyncEngine or a FakeEngine), in a thread with its own loop."""
-
-    def __init__(self, make_aeng, tokenizer, max_model_len: int, engine=None, name: str = MODEL):
-        self.make_aeng, self.tok, self.max_model_len, self.engine, self.name = (
-            make_aeng, tokenizer, max_model_len, engine, name)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        from aiohttp import web
-
-        from router.server import Server
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.aeng = self.make_aeng()
-            self.aeng.start()
-            self.server = Server(self.aeng, self.tok, self.name, self.max_model_len)
-            self.runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.loop.run_until_complete(start())
-        self._ready.set()
-        self.loop.run_forever()
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(60)
-        return self
-
-    def __exit__(self, *exc):
-        async def stop():
-            await self.runner.cleanup()
-            self.aeng.stop()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-
 def real_serve(model_dir: str, **kw) -> Serve:
     from disagg.engine.async_engine import AsyncEngine
     eng = make_engine(model_dir, **kw)
@@ -690,7 +641,7 @@ def test_chat_client_errors_and_history(real, capsys, monkeypatch):
     rc = chat.main(["--url", real.url + "/v1", "--model", "nope", "--prompt", "t5"])
     out = capsys.readouterr()
     assert rc == 1 and out.out == "" and "does not exist" in out.err and "(HTTP 404)" in out.err
-    rc = chat.main(["--url", f"http://127.0.0.1:{_free_port()}/v1", "--prompt", "t5"])
+    rc = chat.main(["--url", f"http://127.0.0.1:{free_port()}/v1", "--prompt", "t5"])
     assert rc == 1 and "cannot reach" in capsys.readouterr().err
     # interactive (stdin not a tty): two turns, a reset, one more turn, then EOF
     args = ["--url", real.url + "/v1", "--temperature", "0", "--max-tokens", "5"]

@@ -1,68 +1,20 @@
 """The HTTP front door, driven by the openai SDK and raw HTTP, over a real engine."""
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
 from conftest import make_engine
-
-MODEL = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_thread import MODEL, Serve
 
 
-class ServerThread:
-    """A real aiohttp server on a loopback port, in a thread with its own event loop."""
-
-    def __init__(self, engine, api_key=None, name=MODEL):
-        self.engine, self.api_key, self.name = engine, api_key, name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        from aiohttp import web
-
-        from disagg.engine.async_engine import AsyncEngine
-        from router.server import Server
-        asyncio.set_event_loop(self._loop)
-
-        async def start():
-            self.aeng = AsyncEngine(self.engine)
-            self.aeng.start()
-            self.server = Server(self.aeng, self.engine.tokenizer, self.name, self.engine.max_model_len,
-                                 api_key=self.api_key)
-            self.runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self._loop.run_until_complete(start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc):
-        async def stop():
-            await self.runner.cleanup()
-            self.aeng.stop()
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+def ServerThread(eng, api_key=None, name=MODEL) -> Serve:
+    """The real server over `eng` (an LLMEngine) in a thread, on a loopback port."""
+    from disagg.engine.async_engine import AsyncEngine
+    return Serve(lambda: AsyncEngine(eng), eng.tokenizer, eng.max_model_len, engine=eng, name=name, api_key=api_key)
 
 
 @pytest.fixture(scope="module")
