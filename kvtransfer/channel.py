@@ -58,6 +58,17 @@ class ChannelConfig:
         first = self.num_prefill + self.num_decode + prefill_rank * (self.prefill_cp - 1)
         return [prefill_rank] + list(range(first, first + self.prefill_cp - 1))
 
+    def pairs(self) -> list[tuple[int, int]]:
+        """The point-to-point pairs (lower rank first) that get a two-rank group, in creation order."""
+        return [(p, d) for p in self.prefill_ranks for d in self.decode_ranks]
+
+    def worker_groups(self) -> list[list[int]]:
+        """Collective groups inside one worker spanning several ranks (a prefill leader and its
+        ring helpers), in creation order; a rank belongs to at most one."""
+        if self.prefill_cp <= 1:
+            return []
+        return [self.cp_ranks(p) for p in self.prefill_ranks]
+
 
 class _WaitedWork:
     """A gloo Work whose completion a waiter thread observes.
@@ -123,17 +134,15 @@ class KVChannel:
         dist.init_process_group(self.backend, init_method=cfg.init_method, rank=cfg.rank,
                                 world_size=cfg.world_size, timeout=timedelta(seconds=cfg.timeout_s), **kw)
         self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        for p in cfg.prefill_ranks:
-            for d in cfg.decode_ranks:
-                g = dist.new_group([p, d])
-                if cfg.rank in (p, d):
-                    self.groups[(p, d)] = g
-        self.cp_group: dist.ProcessGroup | None = None     # this rank's ring group, if any
-        if cfg.prefill_cp > 1:
-            for p in cfg.prefill_ranks:
-                g = dist.new_group(cfg.cp_ranks(p))
-                if cfg.rank in cfg.cp_ranks(p):
-                    self.cp_group = g
+        for a, b in cfg.pairs():
+            g = dist.new_group([a, b])
+            if cfg.rank in (a, b):
+                self.groups[(a, b)] = g
+        self.cp_group: dist.ProcessGroup | None = None     # this rank's worker group (ring), if any
+        for ranks in cfg.worker_groups():
+            g = dist.new_group(ranks)
+            if cfg.rank in ranks:
+                self.cp_group = g
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiters: dict[tuple[str, int], _Waiter] = {}
