@@ -24,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV-cache size on CPU, GiB")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-prefill-graph-tokens", type=int, default=2048,
+                   help="steps carrying prefill chunks of up to this many tokens replay piecewise CUDA graphs "
+                        "(attention eager); 0: run them eagerly")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt prefixes seen before (default: on; --no-enable-prefix-caching)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -57,7 +60,8 @@ def engine_config(args, model_dir: str):
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, ordering=args.scheduling_policy,
                                   max_wait_s=args.max_wait_s),
-        use_cuda_graphs=not args.enforce_eager, load_format=args.load_format, seed=args.seed)
+        use_cuda_graphs=not args.enforce_eager, piecewise_max_tokens=args.max_prefill_graph_tokens,
+        load_format=args.load_format, seed=args.seed)
 
 
 def build_engine(args):

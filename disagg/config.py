@@ -197,6 +197,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     use_triton: bool | None = None       # None: Triton kernels on CUDA, torch reference on CPU
     use_cuda_graphs: bool = True
+    piecewise_max_tokens: int = 2048     # steps with prefill chunks up to this many tokens replay
+                                         # piecewise CUDA graphs (disagg/engine/piecewise.py); 0: eager
     load_format: str = "auto"            # "auto": the checkpoint's safetensors; "dummy": random weights
     seed: int = 0
 

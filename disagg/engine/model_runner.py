@@ -4,7 +4,8 @@ It owns the weights and the paged KV cache (one [num_blocks, block_size, Hkv, D]
 per layer, carved from one tensor so kvtransfer can address blocks), builds the
 flattened batch and the attention metadata, and on CUDA replays captured graphs for
 decode-only steps (batch padded up to the next captured size; padding rows write to
-slot -1 and attend over a zero-length context).
+slot -1 and attend over a zero-length context) and piecewise graphs, cut at attention, for
+steps with prefill chunks (disagg/engine/piecewise.py).
 """
 from __future__ import annotations
 
@@ -56,8 +57,17 @@ class ModelRunner:
                                     model_cfg.num_kv_heads, model_cfg.head_dim, device=self.device, dtype=self.dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers)]
         self.graphs: dict[int, tuple] = {}
+        self.piecewise = None
+        if self.device.type == "cuda":
+            # cuDNN's SDPA builds an execution plan for every new prompt length (60-90 ms on an H200,
+            # benchmarks/profile_step.py) and serving rarely repeats one: flash / memory-efficient only.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
             self._capture_graphs(cfg.scheduler.max_num_seqs)
+            limit = min(cfg.piecewise_max_tokens, cfg.scheduler.max_num_batched_tokens)
+            if limit >= 16:
+                from disagg.engine.piecewise import PiecewiseGraphs
+                self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, limit)
 
     def _load_model(self, progress: bool) -> LlamaModel:
         """The weights on this device (disagg/model/tensor_parallel.TPModelRunner loads one shard)."""
@@ -134,6 +144,15 @@ class ModelRunner:
             bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         return bt.to(self.device, non_blocking=True)
 
+    def _meta(self, slots, dec_tables, dec_lens, prefills) -> AttnMetadata:
+        nd = len(dec_tables)
+        width = max((len(t) for t in dec_tables), default=1)
+        return AttnMetadata(
+            slot_mapping=self._tensor(slots), num_decode=nd,
+            decode_block_tables=self._block_table_tensor(dec_tables, width) if nd else None,
+            decode_context_lens=self._tensor(dec_lens, torch.int32) if nd else None,
+            prefills=[PrefillSeq(q, n, c, self._tensor(t)) for q, n, c, t in prefills])
+
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, layer_hook=None) -> StepResult:
@@ -150,13 +169,12 @@ class ModelRunner:
         if not prefills and layer_hook is None and self.graphs and 0 < nd <= max(self.graphs):
             logits = self._run_graph(ids, pos, slots, dec_tables, dec_lens)
         else:
-            width = max((len(t) for t in dec_tables), default=1)
-            meta = AttnMetadata(
-                slot_mapping=self._tensor(slots), num_decode=nd,
-                decode_block_tables=self._block_table_tensor(dec_tables, width) if nd else None,
-                decode_context_lens=self._tensor(dec_lens, torch.int32) if nd else None,
-                prefills=[PrefillSeq(q, n, c, self._tensor(t)) for q, n, c, t in prefills])
-            hidden = self.model.forward(self._tensor(ids), self._tensor(pos), meta, self.kv_caches, layer_hook)
+            pw = self.piecewise
+            meta = self._meta(slots, dec_tables, dec_lens, prefills)
+            if pw is not None and len(ids) <= pw.max_tokens:
+                hidden = pw.run(ids, pos, slots, meta, layer_hook)
+            else:
+                hidden = self.model.forward(self._tensor(ids), self._tensor(pos), meta, self.kv_caches, layer_hook)
             logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]) if sample_rows else None
         if not sample_reqs:
             return StepResult({}, {}, time.perf_counter() - t0)

@@ -131,60 +131,87 @@ class LlamaModel:
 
         layer_hook(i, k_cache, v_cache), if given, runs right after layer i wrote its KV
         (the prefill worker streams that layer's KV out while the next layers compute).
+
+        The forward is a chain of pieces cut at attention (disagg/engine/piecewise.py replays
+        the pieces as CUDA graphs and runs only attention eagerly):
+            piece 0:     embed, pre(0)              pre(i):  norm, qkv_proj, rotary, write KV
+            piece i:     post(i-1), pre(i)          post(i): o_proj, norm, MLP
+            piece L:     post(L-1), final norm
         """
-        k = self.k
-        eps = self.cfg.rms_norm_eps
-        h = F.embedding(input_ids, self.embed)
-        residual = None
-        for i, (lw, (kc, vc)) in enumerate(zip(self.layers, kv_caches)):
-            if residual is None:
-                residual = h
-                x = k.rms_norm(h, lw.input_norm, eps)
-            else:
-                x, residual = k.fused_add_rms_norm(h, residual, lw.input_norm, eps)
-            x = self._attention(x, positions, lw, kc, vc, meta)
-            if self.tp_reduce is not None:
-                x = self.tp_reduce(x)
+        L = self.cfg.num_layers
+        h, residual = F.embedding(input_ids, self.embed), None
+        for i in range(L + 1):
+            if i:
+                h, residual = self.post(i - 1, attn_out, residual)
+            if i == L:
+                break
+            q, kk, v, residual = self.pre(i, h, residual, positions, kv_caches[i], meta.slot_mapping)
+            attn_out = self.attend(q, kk, v, kv_caches[i], meta)
             if layer_hook is not None:
-                layer_hook(i, kc, vc)
-            x, residual = k.fused_add_rms_norm(x, residual, lw.post_norm, eps)
-            h = F.linear(k.silu_and_mul(F.linear(x, lw.gate_up)), lw.down)
-            if self.tp_reduce is not None:
-                h = self.tp_reduce(h)
-        h, _ = k.fused_add_rms_norm(h, residual, self.norm, eps)
-        return h
+                layer_hook(i, *kv_caches[i])
+        return self.final_norm(h, residual)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> float32 logits [N, V]."""
-        return F.linear(hidden, self.lm_head).float()
-
-    def _attention(self, x, positions, lw: LayerWeights, kc, vc, meta: AttnMetadata) -> torch.Tensor:
-        cfg = self.cfg
+    def pre(self, i: int, h, residual, positions, kv_cache, slot_mapping):
+        """Layer i up to attention: -> q [T, Hq, D], k, v [T, Hkv, D] (already in the cache), residual."""
+        k, cfg, lw = self.k, self.cfg, self.layers[i]
+        if residual is None:
+            residual = h
+            x = k.rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+        else:
+            x, residual = k.fused_add_rms_norm(h, residual, lw.input_norm, cfg.rms_norm_eps)
         T = x.shape[0]
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)
         q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         kk = kk.view(T, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        q, kk = self.k.rotary_embedding(q, kk, positions, self.cos_sin)
-        self.k.write_kv(kk, v, kc, vc, meta.slot_mapping)
+        q, kk = k.rotary_embedding(q, kk, positions, self.cos_sin)
+        k.write_kv(kk, v, kv_cache[0], kv_cache[1], slot_mapping)
+        return q, kk, v, residual
 
+    def post(self, i: int, attn_out, residual):
+        """Layer i after attention: attn_out [T, Hq * D] -> (MLP output, residual)."""
+        k, lw = self.k, self.layers[i]
+        x = F.linear(attn_out, lw.o)
+        if self.tp_reduce is not None:
+            x = self.tp_reduce(x)
+        x, residual = k.fused_add_rms_norm(x, residual, lw.post_norm, self.cfg.rms_norm_eps)
+        h = F.linear(k.silu_and_mul(F.linear(x, lw.gate_up)), lw.down)
+        if self.tp_reduce is not None:
+            h = self.tp_reduce(h)
+        return h, residual
+
+    def final_norm(self, h, residual) -> torch.Tensor:
+        h, _ = self.k.fused_add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits [N, V]."""
+        return F.linear(hidden, self.lm_head).float()
+
+    def attend(self, q, kk, v, kv_cache, meta: AttnMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of rows q [T, Hq, D] (their k, v already written to the cache) -> [T, Hq * D].
+
+        Decode rows (the first meta.num_decode) use the paged kernel, each prefill chunk causal
+        SDPA over its prefix. out, if given, receives the rows (a CUDA-graph piece's static input).
+        """
+        kc, vc = kv_cache
         nd = meta.num_decode
-        if not meta.prefills:
-            out = self.k.paged_attention_decode(q, kc, vc, meta.decode_block_tables,
-                                                meta.decode_context_lens, self.scale)
-        else:
-            out = torch.empty_like(q)
-            if nd:
-                out[:nd] = self.k.paged_attention_decode(q[:nd], kc, vc, meta.decode_block_tables,
-                                                         meta.decode_context_lens, self.scale)
-            for ps in meta.prefills:
-                s, e = ps.q_start, ps.q_start + ps.q_len
-                if meta.ring is not None:
-                    out[s:e] = meta.ring.attend(q[s:e], kk[s:e], v[s:e], kc, vc)
-                else:
-                    out[s:e] = self._prefill_attention(q[s:e], kk[s:e], v[s:e], kc, vc, ps)
-        return F.linear(out.view(T, cfg.q_size), lw.o)
+        if not meta.prefills and out is None:
+            o = self.k.paged_attention_decode(q, kc, vc, meta.decode_block_tables,
+                                              meta.decode_context_lens, self.scale)
+            return o.view(q.shape[0], -1)
+        o = torch.empty_like(q) if out is None else out.view(out.shape[0], *q.shape[1:])
+        if nd:
+            o[:nd] = self.k.paged_attention_decode(q[:nd], kc, vc, meta.decode_block_tables,
+                                                   meta.decode_context_lens, self.scale)
+        for ps in meta.prefills:
+            s, e = ps.q_start, ps.q_start + ps.q_len
+            if meta.ring is not None:
+                o[s:e] = meta.ring.attend(q[s:e], kk[s:e], v[s:e], kc, vc)
+            else:
+                o[s:e] = self._prefill_attention(q[s:e], kk[s:e], v[s:e], kc, vc, ps)
+        return o.view(o.shape[0], -1)
 
     def _prefill_attention(self, q, k, v, kc, vc, ps: PrefillSeq) -> torch.Tensor:
         """Causal attention of a chunk's q: [L, Hq, D] over its prefix (from the cache) and itself.
