@@ -61,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--only", default=None, help="comma-separated step kinds to time (default: all)")
+    ap.add_argument("--profile-only", action="store_true", help="skip the fresh-length sweep")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -83,10 +85,17 @@ def main() -> None:
         "chunk_256_after_1024": ([(256, 1024)], None),
         "mixed_32dec_256": ([(1, 1024)] * 32 + [(256, 0)], None),
         "mixed_32dec_4x64": ([(1, 1024)] * 32 + [(64, 0)] * 4, None),
+        # shapes seen in serving (sim_fidelity at 12 req/s): a few decodes and a short chunk over a prefix
+        "chunk_6_after_368": ([(6, 368)], None),
+        "dec1_chunk_6_after_368": ([(1, 407)] + [(6, 368)], None),
+        "dec8_chunk_15_after_864": ([(1, 1300)] * 8 + [(15, 864)], None),
+        "dec8_prefill_15": ([(1, 1300)] * 8 + [(15, 0)], None),
     }
     res = dict(benchmark="profile_step", shape=args.shape, machine=common.machine_info(device),
                kernels=runner.kernels.name, steps={})
     for name, (items, hook) in kinds.items():
+        if args.only and name not in args.only.split(","):
+            continue
         s = step_of(runner, items)
         t = timed(lambda: runner.execute(s, layer_hook=hook), device, args.iters)
         ent = {"triton_ms": t * 1e3}
@@ -115,7 +124,7 @@ def main() -> None:
     backends = {"default": None, "default_eager": "eager", "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     res["fresh_lengths"] = {}
-    for bi, (bname, be) in enumerate(backends.items()):
+    for bi, (bname, be) in enumerate([] if args.profile_only else backends.items()):
         for kind in ("prefill", "mixed32"):
             ts = []
             for i in range(8):
@@ -152,7 +161,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name in ("mixed_32dec_256",):
+    for name in (["dec8_chunk_15_after_864"] if args.profile_only else ["mixed_32dec_256", "dec8_chunk_15_after_864"]):
         items, hook = kinds[name]
         s = step_of(runner, items)
         runner.execute(s, layer_hook=hook)

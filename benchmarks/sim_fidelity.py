@@ -84,6 +84,15 @@ def replay(eng, trace, prompts) -> dict:
     steps = 0
     shapes, secs = [], []                 # per step: (decodes, KV tokens, prefill chunks), seconds
     schedule = eng.scheduler.schedule
+    execute = eng.runner.execute
+    exec_s = []                           # per step: seconds inside runner.execute (the rest is host work)
+
+    def timed_execute(*a, **kw):
+        t = time.perf_counter()
+        r = execute(*a, **kw)
+        exec_s.append(time.perf_counter() - t)
+        return r
+    eng.runner.execute = timed_execute
 
     def recording_schedule():
         out = schedule()
@@ -118,9 +127,11 @@ def replay(eng, trace, prompts) -> dict:
                 done[i] = t
                 finished += 1
     eng.scheduler.schedule = schedule
+    eng.runner.execute = execute
     arrival = [t0 + r.arrival_s for r in trace]
     return {"arrival": arrival, "first": first, "done": done, "num_out": nout, "steps": steps,
-            "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs}
+            "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs,
+            "exec_s": exec_s[:len(secs)]}
 
 
 def warm_up(eng, max_len: int, budget: int) -> float:
@@ -234,8 +245,12 @@ def main() -> int:
     trace = [replace(q, prompt_tokens=min(q.prompt_tokens, args.max_prompt or q.prompt_tokens),
                      output_tokens=min(q.output_tokens, args.max_output or q.output_tokens)) for q in trace]
     trace = cap_lengths(trace, max_len)
-    rng = random.Random(args.seed)
-    prompts = [[rng.randrange(3, hf["vocab_size"]) for _ in range(q.prompt_tokens)] for q in trace]
+
+    def prompts_for(k: int) -> list[list[int]]:
+        """Random prompts, different for every replay: a replay must not find the previous one's
+        prompts in the prefix cache (the simulator has no token ids, so no cross-request hits)."""
+        rng = random.Random(args.seed * 1000 + k)
+        return [[rng.randrange(3, hf["vocab_size"]) for _ in range(q.prompt_tokens)] for q in trace]
 
     mdir = write_model_dir(hf)
     cfg = EngineConfig(mdir, dtype="bfloat16" if dev.type == "cuda" else "float32", device=str(dev),
@@ -269,10 +284,10 @@ def main() -> int:
           f"{warm_up(eng, max_len, args.max_num_batched_tokens):.0f}s", flush=True)
     rates = [float(r) for r in args.rates.split(",")]
     traces, reals = {}, {}
-    for rate in rates:
+    for k, rate in enumerate(rates):
         traces[rate] = rescale(trace, rate) if rate else trace
         t = time.perf_counter()
-        reals[rate] = replay(eng, traces[rate], prompts)
+        reals[rate] = replay(eng, traces[rate], prompts_for(k))
         print(f"rate {rate or 'as recorded'}: replayed in {time.perf_counter() - t:.0f}s, {reals[rate]['steps']} "
               f"steps, largest add lag {reals[rate]['max_add_lag_s'] * 1e3:.1f} ms", flush=True)
 
@@ -313,6 +328,12 @@ def main() -> int:
             f"{k} steps x{v['median_ratio']:.3f} median (P10 x{v['p10_ratio']:.2f}, P90 x{v['p90_ratio']:.2f}, "
             f"{v['steps']} steps)" for k, v in errs.items()))
         mixed = sum(1 for _, _, c in real["shapes"] if c)
+        import numpy as np
+        for kind, pick in (("decode", lambda c: not c), ("mixed", bool)):
+            ex = [(x, e) for (_, _, c), x, e in zip(real["shapes"], real["step_s"], real["exec_s"]) if pick(c)]
+            if ex:
+                print(f"{kind} steps: median {np.median([x for x, _ in ex]) * 1e3:.1f} ms, of which runner.execute "
+                      f"{np.median([e for _, e in ex]) * 1e3:.1f} ms (median)")
         print(f"engine: {real['steps']} steps ({mixed} with prefill chunks), {sum(real['step_s']):.1f}s busy; "
               f"simulated (profile): {sims['profile']['steps']} steps ({sims['profile']['mixed_steps']} with prefill "
               f"chunks), {sims['profile']['busy_s']:.1f}s busy")
@@ -320,7 +341,8 @@ def main() -> int:
                        "simulated": sims, "rows": rows, "engine_steps": real["steps"], "engine_mixed_steps": mixed,
                        "engine_busy_s": sum(real["step_s"]), "max_add_lag_s": real["max_add_lag_s"],
                        "step_model_vs_measured": errs, "per_request": per_request(real),
-                       "steps": [[b, k, c, round(x, 6)] for (b, k, c), x in zip(real["shapes"], real["step_s"])]})
+                       "steps": [[b, k, c, round(x, 6), round(e, 6)] for (b, k, c), x, e
+                                 in zip(real["shapes"], real["step_s"], real["exec_s"])]})
     slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
     out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
            "start": args.start, "requests": len(trace), "num_blocks": eng.runner.num_blocks,
