@@ -21,6 +21,7 @@ a slice of None means all of my heads (the untouched single-device path).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from disagg.model.tensor_parallel import kv_head_range
 
@@ -34,7 +35,8 @@ class Slice:
     heads: range      # global KV heads it carries
 
 
-def slice_plan(num_kv_heads: int, tp_src: int, tp_dst: int) -> list[Slice]:
+@lru_cache(maxsize=None)
+def slice_plan(num_kv_heads: int, tp_src: int, tp_dst: int) -> tuple[Slice, ...]:
     """The slices that move one worker's KV to another's, ordered by (dst, first head)."""
     H = num_kv_heads
     src_of = [kv_head_range(H, tp_src, i) for i in range(tp_src)]
@@ -51,7 +53,7 @@ def slice_plan(num_kv_heads: int, tp_src: int, tp_dst: int) -> list[Slice]:
             else:
                 out.append(Slice(src, j, range(h, h + 1)))
     assert len({(s.src, s.dst) for s in out}) == len(out), "a rank pair shares more than one run of heads"
-    return out
+    return tuple(out)
 
 
 def _local(heads: range, mine: range) -> slice | None:
@@ -87,3 +89,10 @@ class Reshard:
         src_ranks = lo.tp_ranks(src_worker)
         return [(src_ranks[s.src], _local(s.heads, mine)) for s in slice_plan(self.h, tp_p, tp_d)
                 if s.dst == self.tp_rank]
+
+    def others_heads(self, dest_worker: int) -> list[int]:
+        """Head counts of the slices the other TP ranks of my worker send to `dest_worker` (the leader
+        counts the whole worker's traffic in its stats)."""
+        lo = self.layout
+        return [len(s.heads) for s in slice_plan(self.h, lo.tp_of(self.worker), lo.tp_of(dest_worker))
+                if s.src != self.tp_rank]
