@@ -142,3 +142,19 @@ def _reshard_body(rank: int, world: int, init: str, hkv: int, tp_p: int, tp_d: i
                                                  (4, 2, 1, "fp8")])
 def test_kv_resharded_between_tp_sizes(hkv, tp_p, tp_d, codec):
     spawn_ranks(_reshard_body, tp_p + tp_d, hkv, tp_p, tp_d, codec)
+
+
+def test_cluster_config_checks_tp_against_the_model():
+    from disagg.config import EngineConfig, ModelConfig
+    from disagg.deploy.cluster_config import ClusterConfig
+    mc = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                     num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=64)
+    ClusterConfig(EngineConfig("m"), 1, 1, prefill_tp=4, decode_tp=2).check_model(mc)
+    with pytest.raises(ValueError, match="--decode-tp 3"):
+        ClusterConfig(EngineConfig("m"), 1, 1, decode_tp=3).check_model(mc)
+    ClusterConfig(EngineConfig("m"), 0, 1, prefill_tp=3).check_model(mc)       # no prefill pool: unused
+    with pytest.raises(ValueError, match="cannot both"):
+        ClusterConfig(EngineConfig("m"), 1, 1, prefill_tp=2, prefill_cp=2)
+    lay = ClusterConfig(EngineConfig("m"), 1, 2, prefill_tp=2, decode_tp=2).layout(2)
+    assert lay.world_size == 6 and [lay.role_of(r) for r in range(6)] == [
+        "prefill", "decode", "decode", "prefill_tp", "decode_tp", "decode_tp"]
