@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     with open(os.path.join(ckpt, "config.json")) as fh:
         args.vocab = json.load(fh)["vocab_size"]
     out = {"machine": machine or ["cpu"], "shape": args.shape, "input_len": args.lens[0], "output_len": args.lens[1],
-           "rates": list(args.rates), "command": "python benchmarks/bench_tp_serve.py" + (" --quick" if args.quick else ""),
+           "rates": list(args.rates),
+           "command": "python benchmarks/bench_tp_serve.py" + (" --quick" if args.quick else ""),
            "setups": []}
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s

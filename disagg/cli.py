@@ -155,7 +155,8 @@ def launch_cluster(args):
         raise SystemExit(f"error: {e}") from None
     max_len = ecfg.scheduler.max_model_len or mc.max_position_embeddings
     t0 = time.perf_counter()
-    tps = "".join(f", {flag} {n}" for flag, n in (("prefill TP", args.prefill_tp), ("decode TP", args.decode_tp)) if n > 1)
+    tps = "".join(f", {flag} {n}" for flag, n in (("prefill TP", args.prefill_tp), ("decode TP", args.decode_tp))
+                  if n > 1)
     print(f"Starting {args.prefill or 0} prefill + {args.decode} decode workers{tps} for {name} "
           f"({'Ray at ' + args.address if args.address else 'local Ray'})", file=sys.stderr, flush=True)
     eng = DisaggEngine(ccfg, tok, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -124,7 +124,8 @@ class KVSender:
         self.inflight = keep
 
 
-# A plan's state on one receiving rank (KVReceiver.progress); a TP group combines its ranks' (disagg/engine/tp_group.py).
+# A plan's state on one receiving rank (KVReceiver.progress); a TP group combines its ranks'
+# (disagg/engine/tp_group.py).
 PENDING, LANDED, BAD_CHECKSUM, FAILED = 0, 1, 2, 3
 
 
