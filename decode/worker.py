@@ -54,14 +54,18 @@ from router.policy import reserved_blocks
 
 
 class DecodeWorker:
-    def __init__(self, cfg: EngineConfig, rank: int, channel, codec, transfer_timeout_s: float = 30.0):
+    def __init__(self, cfg: EngineConfig, rank: int, channel, codec, transfer_timeout_s: float = 30.0,
+                 tp=None, reshard=None):
+        """tp: a TPLeader when this worker spans a tensor-parallel group (disagg/engine/tp_group.py);
+        reshard: the KV routes when either end is tensor-parallel (kvtransfer/reshard.py)."""
         self.rank = rank
         self.transfer_timeout_s = transfer_timeout_s
-        self.engine = LLMEngine(cfg, detokenize=False)
+        self.engine = LLMEngine(cfg, detokenize=False, make_runner=tp.make_runner if tp else None)
         r = self.engine.runner
-        mc = self.engine.model_cfg
-        self.receiver = KVReceiver(channel, codec, r.kernels, r.kv_caches, mc.num_kv_heads, mc.head_dim,
-                                   r.dtype, r.device)
+        lc = r.model_cfg                     # this rank's shard of the KV heads under TP
+        self.receiver = (tp.make_receiver if tp else KVReceiver)(
+            channel, codec, r.kernels, r.kv_caches, lc.num_kv_heads, lc.head_dim, r.dtype, r.device,
+            routes=reshard.recv_routes if reshard else None)
         self.codec = codec
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = Outbox()

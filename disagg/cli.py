@@ -150,14 +150,18 @@ def launch_cluster(args):
         ccfg = ClusterConfig(ecfg, num_prefill=args.prefill or 0, num_decode=args.decode, kv_codec=args.kv_codec,
                              address=args.address, local_prefill=args.local_prefill,
                              local_prefill_threshold=args.local_prefill_threshold, prefill_cp=args.prefill_cp,
-                             prefill_cp_min_tokens=args.prefill_cp_min_tokens, prefill_routing=args.prefill_routing)
+                             prefill_cp_min_tokens=args.prefill_cp_min_tokens, prefill_routing=args.prefill_routing,
+                             prefill_tp=args.prefill_tp, decode_tp=args.decode_tp)
         mc = ModelConfig.from_dir(model_dir)
+        ccfg.check_model(mc)
         tok = Tokenizer(model_dir)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     max_len = ecfg.scheduler.max_model_len or mc.max_position_embeddings
     t0 = time.perf_counter()
-    print(f"Starting {args.prefill or 0} prefill + {args.decode} decode workers for {name} "
+    tps = "".join(f", {flag} {n}" for flag, n in (("prefill TP", args.prefill_tp), ("decode TP", args.decode_tp))
+                  if n > 1)
+    print(f"Starting {args.prefill or 0} prefill + {args.decode} decode workers{tps} for {name} "
           f"({'Ray at ' + args.address if args.address else 'local Ray'})", file=sys.stderr, flush=True)
     eng = DisaggEngine(ccfg, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
     try:
@@ -187,6 +191,9 @@ def cmd_serve(args) -> int:
     if disaggregated and (args.decode is None or args.decode < 1 or (args.prefill or 0) < 0):
         raise SystemExit("error: cluster mode needs --decode M >= 1 (and --prefill N >= 0; "
                          "--prefill 0 runs M colocated replicas behind the router)")
+    if not disaggregated and (args.prefill_tp > 1 or args.decode_tp > 1):
+        raise SystemExit("error: --prefill-tp/--decode-tp need cluster mode (--decode M; --prefill 0 --decode M "
+                         "--decode-tp N for colocated replicas of N GPUs each)")
     args.api_key = args.api_key or os.environ.get("DISAGG_API_KEY")
     if disaggregated:
         eng, tok, name, max_len = launch_cluster(args)
@@ -316,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "is split across them and prefilled with ring attention")
     s.add_argument("--prefill-cp-min-tokens", type=int, default=4096,
                    help="shortest prompt prefilled with ring attention (shorter ones use the first GPU alone)")
+    s.add_argument("--prefill-tp", type=int, default=1,
+                   help="GPUs per prefill worker (tensor parallelism: heads and MLP sharded, all-reduce per layer)")
+    s.add_argument("--decode-tp", type=int, default=1,
+                   help="GPUs per decode worker (tensor parallelism); may differ from --prefill-tp: the KV "
+                        "transfer reshards the heads rank to rank")
     s.add_argument("--kv-codec", default="auto", choices=["auto", "none", "fp8", "int8", "int4"],
                    help="KV compression between prefill and decode (auto: fastest handoff on the measured "
                         "link among the lossless and 8-bit codecs)")

@@ -147,8 +147,18 @@ class RingStep:
     prompt_token_ids: list[int]
 
 
+@dataclass(frozen=True)
+class TPStep:
+    """A tensor-parallel worker's leader -> its followers, broadcast over the worker group before every
+    collective the group runs (disagg/engine/tp_group.py). Plain lists of ints only."""
+    kind: str                      # "exec" (a model step) | "sync" (KV landing) | "idle" (heartbeat) | "stop"
+    items: list = field(default_factory=list)   # exec: [start, num_tokens, block_table, token_ids] per request
+    sends: list = field(default_factory=list)   # exec, prefill: [dest worker, slots] per TransferPlan
+    posts: list = field(default_factory=list)   # sync, decode: [src worker, plan_id, num_tokens, slots] per plan
+
+
 _TYPES = {c.__name__: c for c in (Handshake, Reserve, ReserveReply, PrefillRequest, TransferPlan, PlanDone,
-                                  TokenOutput, WorkerLoad, RingStep)}
+                                  TokenOutput, WorkerLoad, RingStep, TPStep)}
 
 
 def encode(msg) -> bytes:

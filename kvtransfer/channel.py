@@ -14,6 +14,15 @@ ranks, numbered after the decode ranks, and one group {p, its helpers} for ring 
 
     P=1, D=1, C=2:  world = {p0, d1, h2};  pairs = {(p0,d1)};  cp groups = {(p0,h2)}
 
+With tensor parallelism (--prefill-tp / --decode-tp T > 1) each worker w also has T-1
+follower ranks, numbered after the ring helpers (prefill workers' first), and one group
+{w, its followers} (w is TP rank 0, the leader). KV moves rank to rank: every prefill TP rank
+sends each decode TP rank the KV heads they share (kvtransfer/reshard.py), so each such
+pair gets a two-rank group:
+
+    P=1, D=1, tp_p=2, tp_d=1, Hkv=2:  world = {p0, d1, p0'2};  pairs = {(p0,d1), (d1,p0'2)}
+                                      tp groups = {(p0, p0'2)}
+
 Within a pair, messages are matched in issue order; the sender and the receiver both
 follow the plan order (TransferPlan.plan_id), so no tags are needed for NCCL. gloo
 gets the layer index as its tag as a second guard.
@@ -40,10 +49,14 @@ class ChannelConfig:
     backend: str | None = None   # None: nccl when the device is CUDA, else gloo
     timeout_s: float = 600.0
     prefill_cp: int = 1          # ranks per prefill worker (context parallelism): the leader + helpers
+    prefill_tp: int = 1          # ranks per prefill worker (tensor parallelism): the leader + followers
+    decode_tp: int = 1           # ranks per decode worker (tensor parallelism)
+    num_kv_heads: int = 0        # the model's; decides which TP rank pairs share KV heads (0: all of them)
 
     @property
     def world_size(self) -> int:
-        return self.num_prefill * self.prefill_cp + self.num_decode
+        return (self.num_prefill * (self.prefill_cp + self.prefill_tp - 1)
+                + self.num_decode * self.decode_tp)
 
     @property
     def prefill_ranks(self) -> list[int]:
@@ -58,16 +71,57 @@ class ChannelConfig:
         first = self.num_prefill + self.num_decode + prefill_rank * (self.prefill_cp - 1)
         return [prefill_rank] + list(range(first, first + self.prefill_cp - 1))
 
+    def tp_of(self, worker: int) -> int:
+        return self.prefill_tp if worker < self.num_prefill else self.decode_tp
+
+    def tp_ranks(self, worker: int) -> list[int]:
+        """The tensor-parallel group of a worker: itself (TP rank 0, the leader), then its followers."""
+        P, D = self.num_prefill, self.num_decode
+        base = P * self.prefill_cp + D                      # after the ring helpers
+        if worker < P:
+            first = base + worker * (self.prefill_tp - 1)
+        else:
+            first = base + P * (self.prefill_tp - 1) + (worker - P) * (self.decode_tp - 1)
+        return [worker] + list(range(first, first + self.tp_of(worker) - 1))
+
+    def worker_of(self, rank: int) -> tuple[int, int]:
+        """(worker, TP rank in it) of a rank that belongs to a worker's TP group."""
+        for w in self.prefill_ranks + self.decode_ranks:
+            ranks = self.tp_ranks(w)
+            if rank in ranks:
+                return w, ranks.index(rank)
+        raise ValueError(f"rank {rank} is no worker's TP rank (a ring helper?)")
+
+    def role_of(self, rank: int) -> str:
+        """prefill | decode (a worker, TP rank 0) | prefill_cp (ring helper) | prefill_tp | decode_tp (followers)."""
+        P, D = self.num_prefill, self.num_decode
+        if rank < P + D:
+            return "prefill" if rank < P else "decode"
+        if rank < P * self.prefill_cp + D:
+            return "prefill_cp"
+        return "prefill_tp" if self.worker_of(rank)[0] < P else "decode_tp"
+
     def pairs(self) -> list[tuple[int, int]]:
-        """The point-to-point pairs (lower rank first) that get a two-rank group, in creation order."""
-        return [(p, d) for p in self.prefill_ranks for d in self.decode_ranks]
+        """The point-to-point pairs (lower rank first) that get a two-rank group, in creation order:
+        for every (prefill, decode) worker pair, the TP rank pairs that share KV heads."""
+        from kvtransfer.reshard import slice_plan
+        if self.num_kv_heads:
+            shared = [(s.src, s.dst) for s in slice_plan(self.num_kv_heads, self.prefill_tp, self.decode_tp)]
+        else:
+            shared = [(i, j) for i in range(self.prefill_tp) for j in range(self.decode_tp)]
+        out = []
+        for p in self.prefill_ranks:
+            for d in self.decode_ranks:
+                for i, j in shared:
+                    a, b = self.tp_ranks(p)[i], self.tp_ranks(d)[j]
+                    out.append((min(a, b), max(a, b)))
+        return out
 
     def worker_groups(self) -> list[list[int]]:
-        """Collective groups inside one worker spanning several ranks (a prefill leader and its
-        ring helpers), in creation order; a rank belongs to at most one."""
-        if self.prefill_cp <= 1:
-            return []
-        return [self.cp_ranks(p) for p in self.prefill_ranks]
+        """Collective groups inside one worker spanning several ranks (a prefill leader and its ring
+        helpers, or a worker and its TP followers), in creation order; a rank belongs to at most one."""
+        groups = [self.cp_ranks(p) for p in self.prefill_ranks] if self.prefill_cp > 1 else []
+        return groups + [self.tp_ranks(w) for w in self.prefill_ranks + self.decode_ranks if self.tp_of(w) > 1]
 
 
 class _WaitedWork:

@@ -18,6 +18,11 @@ scatters them into the request's blocks with the same write_kv kernel the model 
 A plan is complete when all L layers landed; its checksums are read once, then.
 
     decode cache slots of a plan:  slot_mapping[t] = block_table[pos // bs] * bs + pos % bs
+
+Tensor parallelism (kvtransfer/reshard.py): each end is one rank of its worker, holding some
+KV heads. `routes(peer worker)` says which ranks this one exchanges slices with and which of its
+own heads each carries; a layer's message per route is codec.encode(kv_l[:, :, heads]). The
+default route is the peer worker itself with all heads (one message per layer, as above).
 """
 from __future__ import annotations
 
@@ -61,11 +66,17 @@ class _SendPlan:
     failed: bool = False          # a send raised (the peer is gone): the rest of the plan is skipped
 
 
+def _one_route(peer: int) -> list[tuple[int, slice | None]]:
+    return [(peer, None)]
+
+
 class KVSender:
-    def __init__(self, channel: KVChannel, codec, num_kv_heads: int, head_dim: int):
+    def __init__(self, channel: KVChannel, codec, num_kv_heads: int, head_dim: int, routes=None):
+        """routes(dest worker) -> [(peer rank, slice of my heads or None: all)] (kvtransfer/reshard.py)."""
         self.ch = channel
         self.codec = codec
         self.h, self.d = num_kv_heads, head_dim
+        self.routes = routes or _one_route
         self.plans: list[_SendPlan] = []
         self.inflight: list[tuple] = []        # (work, payload): payloads live until sent
         self.stats = TransferStats()
@@ -79,17 +90,21 @@ class KVSender:
         kf = k_cache.view(-1, self.h, self.d)
         vf = v_cache.view(-1, self.h, self.d)
         for p in self.plans:
-            if p.failed:
-                continue
-            kv = torch.stack((kf[p.slots], vf[p.slots]))            # [2, T, Hkv, D]
-            payload = self.codec.encode(kv)
-            self.stats.bytes_raw += kv.numel() * kv.element_size()
-            self.stats.bytes_wire += payload.numel()
-            try:
-                self.inflight.append((self.ch.isend(payload, p.dest, tag=layer), payload))
-            except Exception:  # noqa: BLE001 - one dead peer must not fail the batch's other plans
-                p.failed = True
-                self.stats.failures += 1
+            for peer, heads in self.routes(p.dest):
+                if p.failed:
+                    break
+                if heads is None:
+                    kv = torch.stack((kf[p.slots], vf[p.slots]))            # [2, T, Hkv, D]
+                else:
+                    kv = torch.stack((kf[p.slots, heads], vf[p.slots, heads]))   # [2, T, heads, D]
+                payload = self.codec.encode(kv)
+                self.stats.bytes_raw += kv.numel() * kv.element_size()
+                self.stats.bytes_wire += payload.numel()
+                try:
+                    self.inflight.append((self.ch.isend(payload, peer, tag=layer), payload))
+                except Exception:  # noqa: BLE001 - one dead peer must not fail the batch's other plans
+                    p.failed = True
+                    self.stats.failures += 1
 
     def end(self) -> None:
         self.plans = []
@@ -109,27 +124,36 @@ class KVSender:
         self.inflight = keep
 
 
+# A plan's state on one receiving rank (KVReceiver.progress); a TP group combines its ranks'
+# (disagg/engine/tp_group.py).
+PENDING, LANDED, BAD_CHECKSUM, FAILED = 0, 1, 2, 3
+
+
 @dataclass
 class PendingPlan:
-    src: int
+    src: int                      # the prefill worker
     plan_id: int
     request_ids: list[str]
     num_tokens: list[int]
     slots: torch.Tensor
-    buffers: list[torch.Tensor]
-    works: list
+    buffers: list[list]           # [layer][route] payload buffers (None once written)
+    works: list[list]             # [layer][route]
+    routes: list                  # [(peer rank, slice of my heads or None)]
     started: float = field(default_factory=time.monotonic)
     next_layer: int = 0
     oks: list[torch.Tensor] = field(default_factory=list)
     keep: torch.Tensor | None = None   # token indices to write (None: all); the rest are discarded
     expired: bool = False         # past the receiver's deadline (the decode worker's bookkeeping)
     failed: bool = False          # a receive raised (peer gone): nothing more will land
+    state: int = PENDING          # on this rank
 
 
 class KVReceiver:
     def __init__(self, channel: KVChannel, codec, kernels: KernelSet,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, routes=None):
+        """routes(src worker) -> [(peer rank, slice of my heads or None: all)] (kvtransfer/reshard.py)."""
+        self.routes = routes or _one_route
         self.ch = channel
         self.codec = codec
         self.k = kernels
@@ -150,53 +174,83 @@ class KVReceiver:
             slots = slots[slots >= 0]
         slots = slots.to(self.device)
         T = sum(num_tokens)
-        shape = (2, T, self.h, self.d)
-        n = self.codec.payload_nbytes(shape, self.dtype)
+        routes = self.routes(src)
+        sizes = [self.codec.payload_nbytes((2, T, self._nheads(hs), self.d), self.dtype) for _, hs in routes]
         bufs, works = [], []
         for layer in range(len(self.kv_caches)):
-            b = torch.empty(n, dtype=torch.uint8, device=self.device)
-            works.append(self.ch.irecv(b, src, tag=layer))
-            bufs.append(b)
-        self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works, keep=keep))
+            bl, wl = [], []
+            for (peer, _), n in zip(routes, sizes):
+                b = torch.empty(n, dtype=torch.uint8, device=self.device)
+                wl.append(self.ch.irecv(b, peer, tag=layer))
+                bl.append(b)
+            bufs.append(bl)
+            works.append(wl)
+        self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works, routes, keep=keep))
+
+    def _nheads(self, heads: slice | None) -> int:
+        return self.h if heads is None else heads.stop - heads.start
 
     def poll(self) -> list[tuple[PendingPlan, bool | None]]:
         """Decode the layers that landed; return (plan, checksums_ok) for plans now complete, and
-        (plan, None) for plans whose receive failed (the peer is gone). Only this method writes
-        into the cache, so a plan dropped here can never scribble on blocks freed afterwards."""
-        done = []
+        (plan, None) for plans whose receive failed (the peer is gone). Only this method (through
+        progress) writes into the cache, so a plan dropped here can never scribble on blocks freed
+        afterwards."""
+        return self.finish([(p, s) for p, s in zip(list(self.pending), self.progress()) if s != PENDING])
+
+    def progress(self) -> list[int]:
+        """Advance every pending plan (decode and scatter what landed); its state on this rank, in post order."""
         for p in self.pending:
+            if p.state != PENDING:
+                continue
             try:
                 self._drain(p)
             except Exception:  # noqa: BLE001 - a failed receive (connection closed): the plan is lost
                 p.failed = True
-                self.stats.failures += 1
-                done.append((p, None))
+                p.state = FAILED
                 continue
             if p.next_layer == len(p.works):
                 ok = bool(torch.stack(p.oks).all()) if p.oks else True   # the one host read per plan
-                self.stats.plans += 1
-                self.stats.seconds += time.monotonic() - p.started
-                if not ok:
-                    self.stats.failures += 1
-                done.append((p, ok))
-        if done:
-            ids = {id(p) for p, _ in done}
+                p.state = LANDED if ok else BAD_CHECKSUM
+        return [p.state for p in self.pending]
+
+    def finish(self, plans: list[tuple[PendingPlan, int]]) -> list[tuple[PendingPlan, bool | None]]:
+        """Retire plans in these final states (for a TP group: the states all its ranks agreed on);
+        their unlanded receives, if any, are never drained."""
+        out = []
+        for p, state in plans:
+            if state == FAILED:
+                self.stats.failures += 1
+                out.append((p, None))
+                continue
+            self.stats.plans += 1
+            self.stats.seconds += time.monotonic() - p.started
+            if state == BAD_CHECKSUM:
+                self.stats.failures += 1
+            out.append((p, state == LANDED))
+        if out:
+            ids = {id(p) for p, _ in plans}
             self.pending = [p for p in self.pending if id(p) not in ids]
-        return done
+        return out
 
     def _drain(self, p: PendingPlan) -> None:
         T = sum(p.num_tokens)
-        while p.next_layer < len(p.works) and p.works[p.next_layer].is_completed():
+        while p.next_layer < len(p.works) and all(w.is_completed() for w in p.works[p.next_layer]):
             layer = p.next_layer
-            p.works[layer].wait()     # orders the compute stream after the receive (no host wait)
-            kv, ok = self.codec.decode(p.buffers[layer], (2, T, self.h, self.d), self.dtype)
             kc, vc = self.kv_caches[layer]
-            if p.keep is not None:
-                kv = kv[:, p.keep]
-            if p.slots.numel():
-                self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
-            p.oks.append(ok)
-            self.stats.bytes_wire += p.buffers[layer].numel()
-            self.stats.bytes_raw += kv.numel() * kv.element_size()
-            p.buffers[layer] = None   # free the payload as soon as it is in the cache
+            for i, (_, heads) in enumerate(p.routes):
+                p.works[layer][i].wait()     # orders the compute stream after the receive (no host wait)
+                buf = p.buffers[layer][i]
+                kv, ok = self.codec.decode(buf, (2, T, self._nheads(heads), self.d), self.dtype)
+                if p.keep is not None:
+                    kv = kv[:, p.keep]
+                if p.slots.numel():
+                    if heads is None:
+                        self.k.write_kv(kv[0], kv[1], kc, vc, p.slots)
+                    else:                    # a slice of this rank's heads (TP resharding)
+                        kc.view(-1, self.h, self.d)[p.slots, heads] = kv[0].to(kc.dtype)
+                        vc.view(-1, self.h, self.d)[p.slots, heads] = kv[1].to(vc.dtype)
+                p.oks.append(ok)
+                self.stats.bytes_wire += buf.numel()
+                self.stats.bytes_raw += kv.numel() * kv.element_size()
+                p.buffers[layer][i] = None   # free the payload as soon as it is in the cache
             p.next_layer += 1

@@ -36,18 +36,23 @@ from kvtransfer.transfer import KVSender, _SendPlan, slot_mapping
 
 class PrefillWorker:
     def __init__(self, cfg: EngineConfig, rank: int, channel, codec,
-                 send_control: Callable[[int, object], None]):
+                 send_control: Callable[[int, object], None], tp=None, reshard=None):
         """send_control(dest_rank, message) delivers a TransferPlan / PlanDone to a decode rank,
-        in call order per destination (the deploy layer provides it)."""
+        in call order per destination (the deploy layer provides it). tp: a TPLeader when this worker
+        spans a tensor-parallel group (disagg/engine/tp_group.py); reshard: the KV routes when either
+        end is tensor-parallel (kvtransfer/reshard.py)."""
         self.cfg = cfg
         self.rank = rank
         self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
         self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings
-        self.runner = ModelRunner(replace(cfg, use_cuda_graphs=False), self.model_cfg, self.max_model_len)
+        self.runner = (tp.make_runner if tp else ModelRunner)(replace(cfg, use_cuda_graphs=False), self.model_cfg,
+                                                               self.max_model_len)
+        lc = self.runner.model_cfg           # this rank's shard of the KV heads under TP
         self.bm = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
                                enable_prefix_caching=cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.bm, self.max_model_len)
-        self.sender = KVSender(channel, codec, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
+        self.sender = (tp.make_sender if tp else KVSender)(channel, codec, lc.num_kv_heads, lc.head_dim,
+                                                           routes=reshard.send_routes if reshard else None)
         self.codec = codec
         self.send_control = send_control
         self.dest: dict[str, int] = {}

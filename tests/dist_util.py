@@ -1,6 +1,8 @@
 """Run a test body on N real processes joined by torch.distributed (gloo on CPU, 127.0.0.1).
 
     run_ranks(body, 4, arg1, arg2)   ->   body(rank, world, arg1, arg2) in 4 spawned processes
+    spawn_ranks(body, 4, arg1)       ->   body(rank, world, "tcp://127.0.0.1:PORT", arg1), not joined:
+                                          the body builds its own process group (a KVChannel)
 
 `body` must be a module-level function (spawn imports it by name). An exception or a failed
 assert in any rank fails the caller with that rank's traceback.
@@ -35,3 +37,12 @@ def _entry(rank: int, world: int, port: int, body, args) -> None:
 
 def run_ranks(body, world: int, *args) -> None:
     mp.spawn(_entry, args=(world, _free_port(), body, args), nprocs=world, join=True)
+
+
+def _spawn_entry(rank: int, world: int, port: int, body, args) -> None:
+    torch.set_num_threads(1)
+    body(rank, world, f"tcp://127.0.0.1:{port}", *args)
+
+
+def spawn_ranks(body, world: int, *args) -> None:
+    mp.spawn(_spawn_entry, args=(world, _free_port(), body, args), nprocs=world, join=True)

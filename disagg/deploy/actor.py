@@ -5,6 +5,9 @@ rank must have joined the process group before any pair can talk:
   1. __init__: nothing heavy;  2. address(): rank 0 picks the store's host:port;
   3. setup(): join torch.distributed, load the model, build the worker;
   4. handshake() / measure_bandwidth() / codec_speed();  5. start(codec): run the loop thread.
+
+Roles: prefill / decode (a worker: TP rank 0 when it spans a tensor-parallel group), prefill_cp
+(a ring helper), prefill_tp / decode_tp (a TP follower: runs what its leader broadcasts).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class WorkerActor:
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.tp_leader = None           # a worker spanning a TP group: announces its collectives
 
     def address(self, loopback: bool) -> str:
         from kvtransfer.channel import free_port
@@ -31,17 +35,21 @@ class WorkerActor:
         return f"tcp://{host}:{free_port('127.0.0.1' if loopback else '0.0.0.0')}"
 
     def setup(self, engine_cfg: dict, num_prefill: int, num_decode: int, init_method: str, torch_threads: int,
-              prefill_cp: int = 1) -> str:
+              prefill_cp: int = 1, prefill_tp: int = 1, decode_tp: int = 1) -> str:
         import torch
 
+        from disagg.config import ModelConfig
         from disagg.deploy.config_codec import engine_config_from_dict
         from kvtransfer.channel import ChannelConfig, KVChannel
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.cfg = engine_config_from_dict(engine_cfg)
-        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp),
-                                 self.cfg.torch_device)
-        self.cp_group = self.channel.cp_group          # context parallelism: {prefill leader, its helpers}
+        mc = ModelConfig.from_dir(self.cfg.model_dir)
+        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp,
+                                               prefill_tp=prefill_tp, decode_tp=decode_tp,
+                                               num_kv_heads=mc.num_kv_heads), self.cfg.torch_device)
+        # this rank's worker group: {prefill leader, its ring helpers} or {worker, its TP followers}
+        self.cp_group = self.channel.cp_group
         self.channel.warmup()
         return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()})"
 
@@ -68,6 +76,7 @@ class WorkerActor:
         """ring (a prefill leader with --prefill-cp > 1): {"helpers": [helper actors], "min_tokens": n}."""
         from kvtransfer.codec import get_codec
         codec = get_codec(codec_name)
+        tp, reshard = self._tp_parts()
         if kv_fault_rate and self.role == "prefill":     # chaos testing: flip bytes on the wire
             from kvtransfer.faults import CorruptingChannel
             self.channel = CorruptingChannel(self.channel, kv_fault_rate, seed=self.rank)
@@ -82,21 +91,43 @@ class WorkerActor:
                 self.worker = RingPrefillWorker(self.cfg, self.rank, self.channel, codec, send, self.cp_group, step,
                                                 ring["min_tokens"])
             else:
-                self.worker = PrefillWorker(self.cfg, self.rank, self.channel, codec, send)
+                self.worker = PrefillWorker(self.cfg, self.rank, self.channel, codec, send, tp=tp, reshard=reshard)
         elif self.role == "prefill_cp":
             from prefill.ring_worker import RingHelper
             self.worker = RingHelper(self.cfg, self.rank, self.cp_group)
+        elif self.role in ("prefill_tp", "decode_tp"):
+            from disagg.engine.tp_group import TPFollower
+            from disagg.model.tensor_parallel import TensorParallel
+            self.worker = TPFollower(self.cfg, self.role, self.channel, codec, TensorParallel.of(self.cp_group),
+                                     reshard)
         else:
             from decode.worker import DecodeWorker
-            self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec, transfer_timeout_s)
+            self.worker = DecodeWorker(self.cfg, self.rank, self.channel, codec, transfer_timeout_s, tp=tp,
+                                       reshard=reshard)
+        self.tp_leader = tp
         self._thread = threading.Thread(target=self._loop, name=f"{self.role}-{self.rank}", daemon=True)
         self._thread.start()
         return f"{self.role} {self.rank}: {self.worker.__class__.__name__} with codec {codec_name}"
+
+    def _tp_parts(self):
+        """(TPLeader or None, Reshard or None) of this rank (disagg/engine/tp_group.py, kvtransfer/reshard.py)."""
+        lay = self.channel.cfg
+        if lay.prefill_tp == 1 and lay.decode_tp == 1:
+            return None, None
+        from kvtransfer.reshard import Reshard
+        reshard = Reshard(lay, lay.num_kv_heads, self.rank) if self.role != "prefill_cp" else None
+        if self.role not in ("prefill", "decode") or lay.tp_of(self.rank) == 1:
+            return None, reshard
+        from disagg.engine.tp_group import TPLeader
+        from disagg.model.tensor_parallel import TensorParallel
+        return TPLeader(TensorParallel.of(self.cp_group), self.cfg.torch_device, reshard), reshard
 
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
                 self.worker.run_step()
+                if self.tp_leader is not None:
+                    self.tp_leader.heartbeat()
         except Exception as e:  # noqa: BLE001 - reported through health()
             self.error = f"{self.role} {self.rank} failed: {type(e).__name__}: {e}"
             traceback.print_exc()
@@ -155,3 +186,5 @@ class WorkerActor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+            if self.tp_leader is not None and not self._thread.is_alive():
+                self.tp_leader.stop()      # the followers leave their loops

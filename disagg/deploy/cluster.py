@@ -111,8 +111,9 @@ class DisaggEngine:
         self.codec_ratio = 1.0
         self.pg = None
         self.actors: dict = {}
-        self.helpers: dict = {}           # rank -> context-parallel helper actor (no router traffic)
+        self.helpers: dict = {}           # rank -> ring helper or TP follower actor (no router traffic)
         self._mc = ModelConfig.from_dir(cfg.engine.model_dir)
+        cfg.check_model(self._mc)
         sc = cfg.engine.scheduler
         ordering = make_ordering(sc.ordering, **({} if sc.ordering == "fcfs" else dict(
             aging_rate=sc.aging_rate, max_wait_s=sc.max_wait_s)))
@@ -151,8 +152,9 @@ class DisaggEngine:
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= c.num_prefill * c.prefill_cp + c.num_decode
-        n = c.num_prefill * c.prefill_cp + c.num_decode     # ranks P+D.. : the prefill workers' ring helpers
+        layout = c.layout(self._mc.num_kv_heads)
+        n = layout.world_size       # ranks P+D.. : ring helpers, then TP followers (kvtransfer/channel.py)
+        use_gpu = c.use_gpus if c.use_gpus is not None else gpus >= n
         if use_gpu and gpus < n:
             raise RuntimeError(f"{n} workers need {n} GPUs; the Ray cluster has {gpus:g}")
         ecfg = c.engine if use_gpu else _cpu_engine(c.engine)
@@ -164,8 +166,7 @@ class DisaggEngine:
             self.pg = placement_group([{"GPU": 1, "CPU": 1}] * n, strategy="PACK")
             ray.get(self.pg.ready(), timeout=120)
         for rank in range(n):
-            role = ("prefill" if rank < c.num_prefill else "decode" if rank < c.num_prefill + c.num_decode
-                    else "prefill_cp")
+            role = layout.role_of(rank)
             if use_gpu:
                 opts = dict(num_gpus=1, num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank))
@@ -175,7 +176,7 @@ class DisaggEngine:
         init = ray.get(self.actors[0].address.remote(c.address is None))
         threads = 0 if use_gpu else 1
         for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads,
-                                            c.prefill_cp) for a in self.actors.values()]):
+                                            c.prefill_cp, c.prefill_tp, c.decode_tp) for a in self.actors.values()]):
             self.log(f"  {line}")
         self.helpers = {r: self.actors.pop(r) for r in range(c.num_prefill + c.num_decode, n)}
         self._choose_codec()

@@ -26,6 +26,8 @@ class ClusterConfig:
     prefill_cp_min_tokens: int = 4096
     prefill_routing: str = "cache_aware"   # cache_aware: weigh each worker's cached prefix (router.prefix_index)
                                            # against its load; least_loaded: the load alone
+    prefill_tp: int = 1                 # GPUs per prefill worker (tensor parallelism)
+    decode_tp: int = 1                  # GPUs per decode worker (tensor parallelism)
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -42,3 +44,24 @@ class ClusterConfig:
             raise ValueError("--prefill-cp and --prefill-cp-min-tokens must be at least 1")
         if self.prefill_routing not in ("cache_aware", "least_loaded"):
             raise ValueError("--prefill-routing must be cache_aware or least_loaded")
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError("--prefill-tp and --decode-tp must be at least 1")
+        if self.prefill_tp > 1 and self.prefill_cp > 1:
+            raise ValueError("--prefill-tp and --prefill-cp cannot both exceed 1 (yet)")
+
+    def check_model(self, mc) -> None:
+        """The TP sizes must split the model's heads (disagg/model/tensor_parallel.check_tp)."""
+        from disagg.model.tensor_parallel import check_tp
+        for flag, tp, used in (("--prefill-tp", self.prefill_tp, self.num_prefill > 0),
+                               ("--decode-tp", self.decode_tp, True)):
+            if used and tp > 1:
+                try:
+                    check_tp(mc, tp)
+                except ValueError as e:
+                    raise ValueError(f"{flag} {tp}: {e}") from None
+
+    def layout(self, num_kv_heads: int = 0):
+        """The ranks of the cluster (kvtransfer.channel.ChannelConfig, seen from rank 0)."""
+        from kvtransfer.channel import ChannelConfig
+        return ChannelConfig(0, self.num_prefill, self.num_decode, "", prefill_cp=self.prefill_cp,
+                             prefill_tp=self.prefill_tp, decode_tp=self.decode_tp, num_kv_heads=num_kv_heads)

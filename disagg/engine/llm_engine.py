@@ -23,8 +23,9 @@ from router.policy import make_ordering
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, progress: bool = False, detokenize: bool = True):
-        """detokenize=False: token ids only (a disaggregated decode worker; the router detokenizes)."""
+    def __init__(self, cfg: EngineConfig, progress: bool = False, detokenize: bool = True, make_runner=None):
+        """detokenize=False: token ids only (a disaggregated decode worker; the router detokenizes).
+        make_runner(cfg, model_cfg, max_model_len, progress): another runner (a TP leader's shard)."""
         self.cfg = cfg
         self.detokenize = detokenize
         self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
@@ -39,7 +40,7 @@ class LLMEngine:
         if (eid := self.tokenizer.token_to_id(self.tokenizer.eos_token)) is not None:
             eos.add(eid)
         self.eos_token_ids = tuple(sorted(eos))
-        self.runner = ModelRunner(cfg, mc, max_len, progress=progress)
+        self.runner = (make_runner or ModelRunner)(cfg, mc, max_len, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
                                           enable_prefix_caching=cfg.cache.enable_prefix_caching)
         sc = cfg.scheduler

@@ -52,10 +52,15 @@ def q_heads(cfg: ModelConfig, tp: int, rank: int) -> range:
 
 
 def kv_heads(cfg: ModelConfig, tp: int, rank: int) -> range:
-    if cfg.num_kv_heads >= tp:
-        n = cfg.num_kv_heads // tp
+    return kv_head_range(cfg.num_kv_heads, tp, rank)
+
+
+def kv_head_range(num_kv_heads: int, tp: int, rank: int) -> range:
+    """The KV heads TP rank `rank` of `tp` holds (kvtransfer/reshard.py plans transfers with it)."""
+    if num_kv_heads >= tp:
+        n = num_kv_heads // tp
         return range(rank * n, (rank + 1) * n)
-    h = rank // (tp // cfg.num_kv_heads)
+    h = rank // (tp // num_kv_heads)
     return range(h, h + 1)
 
 
@@ -120,11 +125,11 @@ class TPModelRunner(ModelRunner):
     def _load_model(self, progress: bool) -> LlamaModel:
         c = self.cfg
         m = LlamaModel(self.model_cfg, self.kernels, self.device, self.dtype, max_positions=self.max_model_len)
-        if c.load_format == "dummy":     # shard-shaped random weights; the replicated ones agree across ranks
-            m.load_state(dummy_weights(self.model_cfg, self.device, self.dtype, seed=c.seed))
-        else:
-            m.load_state(shard_weights(iter_weights(c.model_dir, progress=progress), self.full_model_cfg,
-                                       self.tp.size, self.tp.rank))
+        # dummy: the single-device model's random weights, sharded (tensor by tensor), so that TP and
+        # single-device runs of a benchmark serve the same model
+        full = (dummy_weights(self.full_model_cfg, self.device, self.dtype) if c.load_format == "dummy"
+                else iter_weights(c.model_dir, progress=progress))
+        m.load_state(shard_weights(full, self.full_model_cfg, self.tp.size, self.tp.rank))
         m.tp_reduce = self.tp.all_reduce
         return m
 
