@@ -109,6 +109,19 @@ class KVSender:
         self.inflight = keep
 
 
+class _FailedWork:
+    """A receive that could not even be posted (the peer's connection is closed)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def is_completed(self) -> bool:
+        raise self.error
+
+    def wait(self) -> None:
+        raise self.error
+
+
 @dataclass
 class PendingPlan:
     src: int
@@ -155,7 +168,10 @@ class KVReceiver:
         bufs, works = [], []
         for layer in range(len(self.kv_caches)):
             b = torch.empty(n, dtype=torch.uint8, device=self.device)
-            works.append(self.ch.irecv(b, src, tag=layer))
+            try:
+                works.append(self.ch.irecv(b, src, tag=layer))
+            except Exception as e:  # noqa: BLE001 - the peer is already gone: poll() reports the plan lost
+                works.append(_FailedWork(e))
             bufs.append(b)
         self.pending.append(PendingPlan(src, plan_id, request_ids, num_tokens, slots, bufs, works, keep=keep))
 
