@@ -26,6 +26,8 @@ class ClusterConfig:
     prefill_cp_min_tokens: int = 4096
     prefill_routing: str = "cache_aware"   # cache_aware: weigh each worker's cached prefix (router.prefix_index)
                                            # against its load; least_loaded: the load alone
+    max_worker_restarts: int = 3        # Ray restarts a dead worker this often; it rejoins (recovery.py); 0: stays dead
+    restart_timeout_s: float = 120.0    # how long to wait for a restarted worker's process
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -42,3 +44,5 @@ class ClusterConfig:
             raise ValueError("--prefill-cp and --prefill-cp-min-tokens must be at least 1")
         if self.prefill_routing not in ("cache_aware", "least_loaded"):
             raise ValueError("--prefill-routing must be cache_aware or least_loaded")
+        if self.max_worker_restarts < 0:
+            raise ValueError("--max-worker-restarts must be >= 0")
