@@ -8,7 +8,9 @@ Ray CPU actors and gloo, as in test_faults.py. Each test keeps one event loop fo
   counts transfer plans); then the same for the only prefill worker (meanwhile the decode
   workers prefill locally);
 - the last decode worker killed (1P + 1D): the cluster is unhealthy (503) while it is down,
-  then serves again without being restarted.
+  then serves again without being restarted;
+- a ring helper killed (--prefill-cp 2): its leader prefills alone meanwhile, then the ring is
+  re-formed and used again.
 """
 from __future__ import annotations
 
@@ -137,3 +139,40 @@ def test_last_decode_worker_restarts_and_service_resumes(tiny_ckpts):
     assert errors and all("decode worker" in e for e in errors), down
     assert all(len(r[1]) == 300 for r in down if r[0] == "ok")
     assert up == [("ok", want) for want in ref]
+
+
+def test_ring_helper_restarts_and_the_ring_reforms(tiny_ckpts):
+    """--prefill-cp 2: the helper killed, the ring goes down on its leader (which prefills alone, equal
+    outputs), then the restarted helper and the leader re-form the ring and prompts go around it again."""
+    d = tiny_ckpts("llama_gqa")
+    phases = [_workload(8, seed=s, max_out=20) for s in (31, 32)]
+    refs = [[r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(p, sp)] for p, sp in phases]
+    eng = _cluster(d, 1, 1, prefill_cp=2, prefill_cp_min_tokens=16)
+    helper = 2
+
+    def ring_prefills():
+        return ray.get(eng.actors[0].transfer_stats.remote())["ring_prefills"]
+
+    async def main():
+        eng.start()
+        try:
+            ray.kill(eng.helpers[helper], no_restart=False)
+            await _until(lambda: helper in eng.recovery.dead_helpers or eng.recovery.restarts["prefill_cp"],
+                         "the helper's death noticed")
+            got = [await _generate(eng, *phases[0])]
+            await _until(lambda: eng.recovery.restarts["prefill_cp"] == 1, "the helper re-admitted")
+            before = ring_prefills()
+            got.append(await _generate(eng, *phases[1]))
+            return got, before, ring_prefills()
+        finally:
+            for t in eng._tasks:
+                t.cancel()
+    try:
+        got, before, after = asyncio.run(main())
+        eng.check_integrity()
+    finally:
+        eng.stop()
+    for i, (res, ref) in enumerate(zip(got, refs)):
+        assert res == [("ok", want) for want in ref], f"phase {i}: {[r for r in res if r[0] != 'ok'][:3]}"
+    assert after > before                          # the re-formed ring is used
+    assert 0 not in eng.dispatcher.dead
