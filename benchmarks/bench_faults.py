@@ -121,25 +121,25 @@ async def drive_restart(eng, rank, first, then, kill_s):
     """Kill `rank` (Ray restarts it) during the `first` workload; wait until the pool re-admits it;
     run `then` while watching for the restarted worker's first work (a transfer plan it received,
     or sent). Returns the two runs' records, the kill time and both recovery times."""
-    import ray
     role = "prefill" if rank in eng.prefill_ranks else "decode"
+    served = {}
+
+    async def watch():    # from the re-admission on, the new process's counters: its first work
+        while "t" not in served:
+            if eng.recovery.restarts[role]:
+                st = await eng.actors[rank].transfer_stats.remote()
+                if st["plans"] or st["bytes_wire"]:
+                    served["t"] = time.monotonic()
+            await asyncio.sleep(0.02)
     eng.start()
     try:
+        w = asyncio.ensure_future(watch())
         recs1, kill_t, _ = await requests(eng, *first, kill=(kill_s, rank), restart=True)
         while eng.recovery.restarts[role] < 1:
             if time.monotonic() - kill_t > 300:
                 raise RuntimeError(f"{role} worker {rank} was not re-admitted in 300 s")
             await asyncio.sleep(0.05)
-        readmitted_s = time.monotonic() - kill_t
-        served = {}
-
-        async def watch():
-            while "t" not in served:
-                st = await eng.actors[rank].transfer_stats.remote()
-                if st["plans"] or st["bytes_wire"]:
-                    served["t"] = time.monotonic()
-                await asyncio.sleep(0.02)
-        w = asyncio.ensure_future(watch())
+        readmitted_s = eng.recovery.readmitted_at[rank] - kill_t
         recs2, _, _ = await requests(eng, *then)
         await asyncio.wait([w], timeout=5)
         w.cancel()

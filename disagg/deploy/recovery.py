@@ -42,6 +42,7 @@ class Recovery:
         self.epoch = 0
         self.restarts = {"prefill": 0, "decode": 0, "prefill_cp": 0}
         self.recovering: set[int] = set()
+        self.readmitted_at: dict[int, float] = {}    # rank -> time.monotonic() of its last re-admission
         self.dead_helpers: set[int] = set()
         self._lock: asyncio.Lock | None = None
 
@@ -131,6 +132,7 @@ class Recovery:
                 self.log(f"  {role} worker {rank}: restart budget spent; it stays dead")
                 return
             self.restarts[role] += 1
+            self.readmitted_at[rank] = time.monotonic()
             self.log(f"  {role} worker {rank} re-admitted {time.monotonic() - t0:.1f}s after its death "
                      f"(epoch {self.epoch}, restart {self.restarts[role]} of role {role})")
         finally:
