@@ -1,6 +1,7 @@
 """Faults and overload, measured: requests lost, hung and corrupted, and time to recover.
 
-    python benchmarks/bench_faults.py            # CPU, Ray CPU actors, a tiny random Llama (~3 min)
+    python benchmarks/bench_faults.py            # CPU, Ray CPU actors, a tiny random Llama (~4 min)
+    python benchmarks/bench_faults.py --only restart-decode,restart-prefill
 
 Each scenario runs N concurrent greedy requests (ignore_eos, known lengths) through the real
 cluster (disagg/deploy/cluster.py) on Ray CPU actors, with the colocated engine's outputs as the
@@ -8,6 +9,9 @@ reference, and injects one fault:
 
     kill-decode    1 prefill + 2 decode workers; one decode worker killed mid-run
     kill-prefill   2 prefill + 1 decode workers; one prefill worker killed mid-run
+    restart-decode / restart-prefill   1P + 2D (1P + 1D): a decode (the prefill) worker killed mid-run
+                   and restarted by Ray; then a second workload: time from the kill until the pool
+                   re-admits it and until it serves again (its first transfer plan)
     flip-bytes     1 prefill + 1 decode; 30% of KV messages get one byte flipped
     overload       2 colocated replicas behind the router; arrivals at 2x the measured sustainable
                    rate with bounded queues (--max-queued-requests): 429s allowed, nothing accepted lost
@@ -60,11 +64,19 @@ def cluster(model_dir, num_prefill, num_decode, **kw):
     return eng
 
 
-async def drive(eng, prompts, params, arrivals=None, kill=None, deadline_s=60.0, server=None):
-    """Run the requests (at `arrivals` offsets, else all at once); kill=(delay_s, rank) kills a worker.
-    Returns per-request records and the kill time."""
-    import ray
+async def drive(eng, prompts, params, arrivals=None, kill=None, deadline_s=60.0, server=None, restart=False):
+    """Run the requests (at `arrivals` offsets, else all at once); kill=(delay_s, rank) kills a worker
+    (for good, or with restart=True so that Ray restarts it). Returns per-request records and the kill time."""
     eng.start()
+    try:
+        return await requests(eng, prompts, params, arrivals, kill, deadline_s, server, restart)
+    finally:
+        for t in eng._tasks:
+            t.cancel()
+
+
+async def requests(eng, prompts, params, arrivals=None, kill=None, deadline_s=60.0, server=None, restart=False):
+    import ray
     t0 = time.monotonic()
     recs = [dict(status="pending", tokens=[], stamps=[]) for _ in prompts]
     state = {"kill_t": None}
@@ -94,19 +106,48 @@ async def drive(eng, prompts, params, arrivals=None, kill=None, deadline_s=60.0,
         if kill:
             await asyncio.sleep(kill[0])
             state["kill_t"] = time.monotonic()
-            ray.kill(eng.actors[kill[1]], no_restart=True)
+            ray.kill(eng.actors[kill[1]], no_restart=not restart)
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+    await chaos()
+    done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+    for i, t in enumerate(tasks):
+        if t in pending:
+            recs[i]["status"] = "hung"
+            t.cancel()
+    return recs, state["kill_t"], time.monotonic() - t0
+
+
+async def drive_restart(eng, rank, first, then, kill_s):
+    """Kill `rank` (Ray restarts it) during the `first` workload; wait until the pool re-admits it;
+    run `then` while watching for the restarted worker's first work (a transfer plan it received,
+    or sent). Returns the two runs' records, the kill time and both recovery times."""
+    role = "prefill" if rank in eng.prefill_ranks else "decode"
+    served = {}
+
+    async def watch():    # from the re-admission on, the new process's counters: its first work
+        while "t" not in served:
+            if eng.recovery.restarts[role]:
+                st = await eng.actors[rank].transfer_stats.remote()
+                if st["plans"] or st["bytes_wire"]:
+                    served["t"] = time.monotonic()
+            await asyncio.sleep(0.02)
+    eng.start()
     try:
-        await chaos()
-        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
-        for i, t in enumerate(tasks):
-            if t in pending:
-                recs[i]["status"] = "hung"
-                t.cancel()
+        w = asyncio.ensure_future(watch())
+        recs1, kill_t, _ = await requests(eng, *first, kill=(kill_s, rank), restart=True)
+        while eng.recovery.restarts[role] < 1:
+            if time.monotonic() - kill_t > 300:
+                raise RuntimeError(f"{role} worker {rank} was not re-admitted in 300 s")
+            await asyncio.sleep(0.05)
+        readmitted_s = eng.recovery.readmitted_at[rank] - kill_t
+        recs2, _, _ = await requests(eng, *then)
+        await asyncio.wait([w], timeout=5)
+        w.cancel()
+        serving_s = served["t"] - kill_t if "t" in served else None
+        return recs1, recs2, kill_t, readmitted_s, serving_s
     finally:
         for t in eng._tasks:
             t.cancel()
-    return recs, state["kill_t"], time.monotonic() - t0
 
 
 def score(recs, ref, kill_t=None):
@@ -140,6 +181,7 @@ def main():
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults_cpu.json"))
+    ap.add_argument("--only", default=None, help="comma-separated scenarios (default: all)")
     args = ap.parse_args()
     import torch
 
@@ -168,11 +210,48 @@ def main():
         print(f"{name:14s} " + " ".join(f"{k}={v}" for k, v in s.items()), flush=True)
 
     # long answers (up to 300 tokens) so that the kill lands while requests are mid-stream
-    run("kill-decode", 1, 2, kill=(0.5, 2), max_out=300)
-    run("kill-prefill", 2, 1, kill=(0.3, 0), max_out=300)
-    run("flip-bytes", 1, 1, kv_fault_rate=0.3)
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda name: only is None or name in only    # noqa: E731
+    if want("kill-decode"):
+        run("kill-decode", 1, 2, kill=(0.5, 2), max_out=300)
+    if want("kill-prefill"):
+        run("kill-prefill", 2, 1, kill=(0.3, 0), max_out=300)
+    if want("flip-bytes"):
+        run("flip-bytes", 1, 1, kv_fault_rate=0.3)
+
+    # restart: the killed worker comes back (Ray restarts it; the pool re-forms its KV groups)
+    for name, P, D, rank in (("restart-decode", 1, 2, 2), ("restart-prefill", 1, 1, 0)):
+        if not want(name):
+            continue
+        first = workload(args.requests, args.seed, max_out=300)
+        then = workload(args.requests, args.seed + 1)
+        refs = [[r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(*w)] for w in (first, then)]
+        eng = cluster(d, P, D)
+        try:
+            recs1, recs2, kill_t, readmitted_s, serving_s = asyncio.run(drive_restart(eng, rank, first, then, 0.5))
+            eng.check_integrity()
+            s = score(recs1 + recs2, refs[0] + refs[1])
+            s.update(readmitted_s=round(readmitted_s, 2), serving_again_s=serving_s and round(serving_s, 2),
+                     retries=eng.retries, restarts=eng.transfer.get("worker_restarts"), integrity="ok")
+        finally:
+            eng.stop()
+        results[name] = s
+        print(f"{name:14s} " + " ".join(f"{k}={v}" for k, v in s.items()), flush=True)
 
     # overload: measure the sustainable rate (closed loop, all at once), then offer 2x with bounded queues
+    if want("overload-2x"):
+        overload(d, args, results)
+    if only is not None and os.path.exists(args.out):      # keep the other scenarios' last figures
+        with open(args.out) as f:
+            results = {**json.load(f)["results"], **results}
+    with open(args.out, "w") as f:
+        json.dump({"machine": "CPU (2 cores), Ray CPU actors, tiny random Llama", "requests": args.requests,
+                   "results": results}, f, indent=1)
+    print("JSON:", args.out)
+
+
+def overload(d, args, results):
+    from conftest import make_engine
     eng = cluster(d, 0, 2)
     prompts, params = workload(args.requests, args.seed)
     try:
@@ -207,10 +286,6 @@ def main():
         eng.stop()
     results["overload-2x"] = s
     print("overload-2x    " + " ".join(f"{k}={v}" for k, v in s.items()), flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": "CPU (2 cores), Ray CPU actors, tiny random Llama", "requests": args.requests,
-                   "results": results}, f, indent=1)
-    print("JSON:", args.out)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class Rank:
         self.T = a["tokens"]
         from kvtransfer.channel import ChannelConfig, KVChannel
         self.ch = KVChannel(ChannelConfig(rank, 1, 1, f"tcp://127.0.0.1:{init_port}", backend=a["backend"],
-                                          timeout_s=max(60.0, a["deadline_s"])), self.device)
+                                          timeout_s=max(60.0, a["deadline_s"]), host_store=rank == 0), self.device)
         self.staged = self.ch.backend == "gloo" and (self.cuda or a["force_staged"])
         if self.ch.backend == "gloo" and a["gloo_yield_s"] >= 0:
             self.ctl.yield_s = a["gloo_yield_s"]

@@ -240,17 +240,10 @@ class RecordingChannel:
 
 
 def fresh_pair_group(ch) -> None:
-    """Give the KV channel a new (0, 1) subgroup (both ranks call it, after a failed section, so
-    operations left pending on the old communicator cannot match new ones)."""
-    old = ch.groups.get((0, 1))
-    ch.groups[(0, 1)] = dist.new_group([0, 1])
-    # gloo: the channel's waiter threads complete works in issue order per peer, so one blocked on a
-    # receive of the old group would hold back every later one: start fresh threads (the old ones are
-    # daemons, left blocked)
-    ch._waiters = {}
-    if old is not None:
-        try:
-            from torch.distributed.distributed_c10d import _abort_process_group
-            _abort_process_group(old)
-        except Exception:  # noqa: BLE001 - best effort (private API; absent in some versions)
-            pass
+    """Give the KV channel a new (0, 1) group (both ranks call it, after a failed section, so
+    operations left pending on the old one cannot match new ones): the same re-forming a restarted
+    worker goes through (KVChannel.build_pair / install_pair: a new epoch, the old group aborted,
+    fresh gloo waiter threads)."""
+    ch.fresh_epoch = getattr(ch, "fresh_epoch", 0) + 1
+    peer = 1 - ch.rank
+    ch.install_pair(peer, ch.build_pair(peer, ch.fresh_epoch))

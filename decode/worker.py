@@ -243,6 +243,25 @@ class DecodeWorker:
                                             out.finish_reason.value))
         self._emit(outs)
 
+    def reset_peer(self, src: int) -> None:
+        """Prefill rank `src` restarted (called between steps): its new process numbers plans from 0
+        on a new group. Whatever its old process left here (plans queued, posted or landed without
+        their PlanDone) is dropped, its reservations freed, and the router told to retry."""
+        with self._reserve_lock:
+            rids = [r for p in self.plans.pop(src, {}).values() for r in p.request_ids]
+            self.next_plan[src] = 0
+            for p in [p for p in self.receiver.pending if p.src == src]:
+                self.receiver.pending.remove(p)
+                rids += p.request_ids
+            for key in [k for k in self.landed if k[0] == src]:
+                rids += self.landed.pop(key)[0].request_ids
+            for key in [k for k in self.done_msgs if k[0] == src]:
+                del self.done_msgs[key]
+            live = [r for r in rids if r in self.reserved and r not in self.aborted]
+            for r in rids:
+                self._drop_reservation(r)
+            self._retry(live, f"prefill rank {src} restarted")
+
     def run_step(self) -> None:
         try:
             msg = self.inbox.get(timeout=0.02) if not self.has_work() else self.inbox.get_nowait()

@@ -151,7 +151,8 @@ def launch_cluster(args):
                              address=args.address, local_prefill=args.local_prefill,
                              local_prefill_threshold=args.local_prefill_threshold, prefill_cp=args.prefill_cp,
                              prefill_cp_min_tokens=args.prefill_cp_min_tokens, prefill_routing=args.prefill_routing,
-                             prefill_tp=args.prefill_tp, decode_tp=args.decode_tp)
+                             prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
+                             max_worker_restarts=args.max_worker_restarts)
         mc = ModelConfig.from_dir(model_dir)
         ccfg.check_model(mc)
         tok = Tokenizer(model_dir)
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-codec", default="auto", choices=["auto", "none", "fp8", "int8", "int4"],
                    help="KV compression between prefill and decode (auto: fastest handoff on the measured "
                         "link among the lossless and 8-bit codecs)")
+    s.add_argument("--max-worker-restarts", type=int, default=3,
+                   help="cluster mode: Ray restarts a dead worker up to this many times and it rejoins the pool "
+                        "(0: a dead worker stays dead)")
     s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)

@@ -26,6 +26,14 @@ pair gets a two-rank group:
 Within a pair, messages are matched in issue order; the sender and the receiver both
 follow the plan order (TransferPlan.plan_id), so no tags are needed for NCCL. gloo
 gets the layer index as its tag as a second guard.
+
+There is no global world: every group is built on the driver's store under a name with an
+epoch (kvtransfer/groups.py), so a restarted rank rejoins. At epoch e it builds its groups
+with the live peers only; each live peer calls build_pair(rank, e) to build its side, then
+install_pair() swaps it in, aborting the old group (its pending operations fail at once):
+
+    decode 3 restarts (epoch 2):  d3: KVChannel(..., epoch=2, peers={0, 1})
+                                  p0: install_pair(3, build_pair(3, 2))   p1: the same
 """
 from __future__ import annotations
 
@@ -35,9 +43,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from kvtransfer import groups
 
 
 @dataclass(frozen=True)
@@ -45,13 +56,15 @@ class ChannelConfig:
     rank: int
     num_prefill: int
     num_decode: int
-    init_method: str             # tcp://HOST:PORT of the store (hosted by rank 0)
+    init_method: str             # tcp://HOST:PORT of the store (groups.serve_store, in the driver)
     backend: str | None = None   # None: nccl when the device is CUDA, else gloo
     timeout_s: float = 600.0
     prefill_cp: int = 1          # ranks per prefill worker (context parallelism): the leader + helpers
     prefill_tp: int = 1          # ranks per prefill worker (tensor parallelism): the leader + followers
     decode_tp: int = 1           # ranks per decode worker (tensor parallelism)
     num_kv_heads: int = 0        # the model's; decides which TP rank pairs share KV heads (0: all of them)
+    host_store: bool = False     # this rank hosts the store itself (tools without a driver process)
+    listen_host: str = "127.0.0.1"   # where this rank's gloo connections listen (the node's IP across nodes)
 
     @property
     def world_size(self) -> int:
@@ -174,7 +187,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class KVChannel:
-    def __init__(self, cfg: ChannelConfig, device: torch.device):
+    def __init__(self, cfg: ChannelConfig, device: torch.device, epoch: int = 0, peers: set[int] | None = None,
+                 worker_group: bool = True):
+        """Build this rank's pair groups (with `peers` only, when given: the live ones) and, when
+        worker_group, its ring group, all under `epoch`."""
         self.cfg = cfg
         if device.type == "cuda" and device.index is None:   # NCCL wants an indexed device
             device = torch.device("cuda", torch.cuda.current_device())
@@ -183,23 +199,62 @@ class KVChannel:
         if self.backend == "nccl":
             # Shared hosts: NVLink multicast must stay off (see the device notes); harmless elsewhere.
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        from datetime import timedelta
-        kw = {"device_id": device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, init_method=cfg.init_method, rank=cfg.rank,
-                                world_size=cfg.world_size, timeout=timedelta(seconds=cfg.timeout_s), **kw)
+        if cfg.host_store:
+            from urllib.parse import urlparse
+            u = urlparse(cfg.init_method)
+            self._hosted = dist.TCPStore(u.hostname, u.port, is_master=True, wait_for_workers=False,
+                                         timeout=timedelta(seconds=cfg.timeout_s))
+        self.store = groups.connect_store(cfg.init_method, cfg.timeout_s)
         self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        for a, b in cfg.pairs():
-            g = dist.new_group([a, b])
-            if cfg.rank in (a, b):
-                self.groups[(a, b)] = g
-        self.cp_group: dist.ProcessGroup | None = None     # this rank's worker group (ring), if any
-        for ranks in cfg.worker_groups():
-            g = dist.new_group(ranks)
-            if cfg.rank in ranks:
-                self.cp_group = g
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiters: dict[tuple[str, int], _Waiter] = {}
+        for a, b in cfg.pairs():
+            if cfg.rank in (a, b) and (peers is None or (b if cfg.rank == a else a) in peers):
+                self.groups[(a, b)] = self._build("pair", [a, b], epoch)
+        self.cp_group: dist.ProcessGroup | None = None     # this rank's worker group (ring), if any
+        if worker_group:
+            self.cp_group = self.build_worker_group(epoch)
+
+    def _build(self, kind: str, ranks: list[int], epoch: int) -> dist.ProcessGroup:
+        return groups.build_group(self.store, groups.group_name(kind, ranks, epoch), ranks.index(self.rank),
+                                  len(ranks), self.backend, self.device, self.cfg.timeout_s, self.cfg.listen_host)
+
+    def build_worker_group(self, epoch: int) -> dist.ProcessGroup | None:
+        """This rank's worker group (its ring: leader first), built under `epoch` with every member."""
+        for ranks in self.cfg.worker_groups():
+            if self.rank in ranks:
+                return self._build("group", ranks, epoch)
+        return None
+
+    # ------------------------------------------------------------------ re-forming a pair
+    def build_pair(self, peer: int, epoch: int) -> dist.ProcessGroup:
+        """A new group with `peer` (which builds its side under the same epoch), warmed up; not yet
+        used: install_pair() swaps it in. Blocks until the peer is there."""
+        a, b = min(self.rank, peer), max(self.rank, peer)
+        if (a, b) not in self.cfg.pairs():
+            raise ValueError(f"rank {self.rank} has no KV channel to rank {peer}")
+        pg = self._build("pair", [a, b], epoch)
+        t = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        (pg.send([t], 1, 999) if self.rank == a else pg.recv([t], 0, 999)).wait()
+        self._sync()
+        return pg
+
+    def install_pair(self, peer: int, pg: dist.ProcessGroup) -> None:
+        """Use `pg` for `peer` from now on; the old group is aborted (what is pending on it fails)
+        and gloo's waiter threads for that peer are replaced (an old one may sit on a dead work)."""
+        key = (min(self.rank, peer), max(self.rank, peer))
+        old = self.groups.get(key)
+        self.groups[key] = pg
+        for kind in ("send", "recv"):
+            w = self._waiters.pop((kind, peer), None)
+            if w is not None:
+                w.q.put(None)
+        groups.abort(old)
+
+    def drop_peer(self, peer: int) -> None:
+        """The peer is gone: abort its group, so nothing waits on it until the timeout."""
+        groups.abort(self.groups.get((min(self.rank, peer), max(self.rank, peer))))
 
     def _track(self, work, kind: str, peer: int):
         if self.backend != "gloo":
@@ -215,21 +270,24 @@ class KVChannel:
     def rank(self) -> int:
         return self.cfg.rank
 
-    def _group(self, peer: int):
+    def _group(self, peer: int) -> tuple[dist.ProcessGroup, int]:
+        """(the pair's group, the peer's group rank: the lower rank is 0)."""
         key = (self.rank, peer) if self.rank < peer else (peer, self.rank)
         try:
-            return self.groups[key]
+            return self.groups[key], int(peer > self.rank)
         except KeyError:
             raise ValueError(f"rank {self.rank} has no KV channel to rank {peer}") from None
 
     def isend(self, t: torch.Tensor, peer: int, tag: int = 0):
         self.bytes_sent += t.numel() * t.element_size()
-        work = dist.isend(t, peer, group=self._group(peer), tag=tag if self.backend == "gloo" else 0)
+        pg, dst = self._group(peer)
+        work = pg.send([t], dst, tag if self.backend == "gloo" else 0)
         return self._track(work, "send", peer)
 
     def irecv(self, t: torch.Tensor, peer: int, tag: int = 0):
         self.bytes_received += t.numel() * t.element_size()
-        work = dist.irecv(t, peer, group=self._group(peer), tag=tag if self.backend == "gloo" else 0)
+        pg, src = self._group(peer)
+        work = pg.recv([t], src, tag if self.backend == "gloo" else 0)
         return self._track(work, "recv", peer)
 
     def warmup(self) -> None:
@@ -244,7 +302,7 @@ class KVChannel:
             else:
                 self.irecv(t, p, tag=999).wait()
         if self.cp_group is not None:      # the ring group's communicator, now rather than on a prompt
-            dist.barrier(group=self.cp_group)
+            groups.barrier(self.cp_group, self.device)
         self._sync()
         self.bytes_sent = self.bytes_received = 0
 
@@ -281,5 +339,4 @@ class KVChannel:
     def close(self) -> None:
         for w in self._waiters.values():
             w.q.put(None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.groups, self.cp_group = {}, None

@@ -129,6 +129,19 @@ class KVSender:
 PENDING, LANDED, BAD_CHECKSUM, FAILED = 0, 1, 2, 3
 
 
+class _FailedWork:
+    """A receive that could not even be posted (the peer's connection is closed)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def is_completed(self) -> bool:
+        raise self.error
+
+    def wait(self) -> None:
+        raise self.error
+
+
 @dataclass
 class PendingPlan:
     src: int                      # the prefill worker
@@ -181,7 +194,10 @@ class KVReceiver:
             bl, wl = [], []
             for (peer, _), n in zip(routes, sizes):
                 b = torch.empty(n, dtype=torch.uint8, device=self.device)
-                wl.append(self.ch.irecv(b, peer, tag=layer))
+                try:
+                    wl.append(self.ch.irecv(b, peer, tag=layer))
+                except Exception as e:  # noqa: BLE001 - the peer is already gone: poll() reports the plan lost
+                    wl.append(_FailedWork(e))
                 bl.append(b)
             bufs.append(bl)
             works.append(wl)

@@ -13,7 +13,7 @@ rank owns one early and one late piece of the causal triangle and all do equal w
 
 Ring step s (s = 0 .. cp-1): rank i holds the K/V slice of rank src = (i - s) mod cp. It
 posts the send of that slice to rank i+1 and the receive of the next one from rank i-1
-(one batched isend/irecv, so NCCL never deadlocks on a two-rank ring), computes its
+(one batched send/recv, kvtransfer.groups.exchange, so NCCL never deadlocks on a two-rank ring), computes its
 queries against the slice it holds while the transfer runs, then waits and swaps:
 
     step 0:  r0: q[r0] x kv[r0]    r1: q[r1] x kv[r1]     kv[r0] -> r1, kv[r1] -> r0 in flight
@@ -40,6 +40,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from kvtransfer.groups import exchange
 
 
 # ---------------------------------------------------------------------- zigzag split
@@ -173,8 +175,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: i
     K/V slice as it passes through (its own first): the prefill leader keeps them all.
     group None: a one-rank "ring" (plain zigzag-ordered causal attention, no communication).
     """
-    cp = dist.get_world_size(group) if group is not None else 1
-    rank = dist.get_rank(group) if group is not None else 0
+    cp = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
     bounds = zigzag_bounds(seq_len, cp)
     L, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -183,18 +185,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: i
                          f"{slice_len(seq_len, cp, rank)}")
     acc = _Accumulator(L, Hq, D, q.device)
     kv = torch.stack((k, v)).contiguous()                 # [2, L, Hkv, D]: one message per step
-    nxt_rank = (rank + 1) % cp
+    nxt_rank = (rank + 1) % cp                            # group ranks: the group need not be registered
     prv_rank = (rank - 1) % cp
-    if group is not None:
-        nxt_rank, prv_rank = dist.get_global_rank(group, nxt_rank), dist.get_global_rank(group, prv_rank)
     for s in range(cp):
         src = (rank - s) % cp
         works = []
         if s < cp - 1:
             incoming = (src - 1) % cp                     # whose slice arrives for the next step
             buf = torch.empty(2, slice_len(seq_len, cp, incoming), Hkv, D, dtype=kv.dtype, device=kv.device)
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, nxt_rank, group),
-                                            dist.P2POp(dist.irecv, buf, prv_rank, group)])
+            works = exchange(group, kv, nxt_rank, buf, prv_rank)
         _step(acc, q, kv, bounds, cp, rank, src, scale, attn)     # overlaps the transfer above
         if on_kv is not None:
             on_kv(src, kv)

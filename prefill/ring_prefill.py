@@ -35,8 +35,8 @@ class RingStep:
         self.group = group
         self.k = kernels
         self.attn = attn
-        self.cp = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        self.cp = group.size() if group is not None else 1
+        self.rank = group.rank() if group is not None else 0
         self.slots_of = None
         if slots is not None:   # src rank -> [L_src] slots of its rows
             self.slots_of = [slots[zigzag_positions(seq_len, self.cp, r, slots.device)] for r in range(self.cp)]
@@ -58,8 +58,8 @@ def ring_prefill(model: LlamaModel, kv_caches, prompt_ids: torch.Tensor, group: 
     slots: the leader's [S] cache slots for the whole prompt (None on the other ranks).
     Returns the final hidden state of the prompt's last token, [1, H], on the leader; None elsewhere.
     """
-    cp = dist.get_world_size(group) if group is not None else 1
-    rank = dist.get_rank(group) if group is not None else 0
+    cp = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
     S = prompt_ids.shape[0]
     dev = prompt_ids.device
     pos = zigzag_positions(S, cp, rank, dev)                 # [L]

@@ -49,10 +49,16 @@ class RingPrefillWorker(PrefillWorker):
         self.ring_prefills = 0
 
     def submit(self, msg: PrefillRequest) -> None:
-        if len(msg.prompt_token_ids) >= self.min_tokens:
+        if self.group is not None and len(msg.prompt_token_ids) >= self.min_tokens:
             self.ring_inbox.put(("add", msg))
         else:
             super().submit(msg)
+
+    def set_ring(self, group) -> None:
+        """A new ring group (after a member restarted; steps count from 0 again, as on the helpers),
+        or None: a member is gone, every prompt is prefilled here alone until the ring is re-formed."""
+        self.group = group
+        self.next_step = 0
 
     def abort(self, request_id: str) -> None:
         self.ring_inbox.put(("abort", request_id))
@@ -79,6 +85,9 @@ class RingPrefillWorker(PrefillWorker):
                     self.ring_waiting = deque(m for m in self.ring_waiting if m.request_id != payload)
         except queue.Empty:
             pass
+        if self.group is None:              # the ring is down: the waiting prompts go the single-GPU way
+            while self.ring_waiting:
+                super().submit(self.ring_waiting.popleft())
         if self.ring_waiting and self._ring(self.ring_waiting[0]):
             self.ring_waiting.popleft()
         super().run_step()
@@ -139,9 +148,18 @@ class RingHelper:
         self.early: dict[int, RingStep] = {}
         self.next_step = 0
         self.steps = 0
+        self.failed_steps = 0
 
     def submit(self, msg: RingStep) -> None:
         self.inbox.put(msg)
+
+    def set_group(self, group) -> None:
+        """The ring re-formed (called between steps): steps count from 0 again; older ones are void."""
+        self.group = group
+        self.next_step = 0
+        self.early.clear()
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
 
     def run_step(self) -> None:
         try:
@@ -153,5 +171,10 @@ class RingHelper:
             m = self.early.pop(self.next_step)
             self.next_step += 1
             r = self.runner
-            ring_prefill(r.model, r.kv_caches, torch.tensor(m.prompt_token_ids, device=r.device), self.group)
+            try:
+                ring_prefill(r.model, r.kv_caches, torch.tensor(m.prompt_token_ids, device=r.device), self.group)
+            except Exception:  # noqa: BLE001 - a ring member died: wait for the ring to be re-formed
+                self.failed_steps += 1
+                self.early.clear()
+                return
             self.steps += 1

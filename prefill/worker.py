@@ -169,5 +169,17 @@ class PrefillWorker:
             self.orig_params.pop(req.request_id, None)
         self._emit(outs)
 
+    def reset_peer(self, dest: int) -> None:
+        """Decode rank `dest` restarted (called between steps): its new process numbers plans from 0,
+        and a request still bound for its old process is retried by the router (normally the router
+        has aborted them all already)."""
+        self.next_plan_id[dest] = 0
+        for rid in [r for r, d in self.dest.items() if d == dest]:
+            if self.scheduler.abort(rid) is not None:
+                self._emit([TokenOutput(rid, [], 0, 0, "retry", error=f"decode rank {dest} restarted")])
+            self.dest.pop(rid, None)
+            self.dest_cached.pop(rid, None)
+            self.orig_params.pop(rid, None)
+
     def shutdown(self) -> None:
         self.sender.reap(block=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LAT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
         80.0)
@@ -74,6 +74,13 @@ class _TransferCollector:
             c = CounterMetricFamily(f"disagg:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], t.get(key, 0))
             yield c
+        r = CounterMetricFamily("disagg:worker_restarts", "Dead workers that Ray restarted and the pool re-admitted.",
+                                labels=["model_name", "role"])
+        for role, n in sorted(t.get("worker_restarts", {}).items()):
+            r.add_metric([self.model_name, role], n)
+        yield r
+        yield GaugeMetricFamily("disagg:dead_workers", "Workers dead now (restarting or given up).",
+                                value=t.get("dead_workers", 0))
 
 
 class _PrefixCacheCollector:

@@ -130,11 +130,12 @@ class Server:
         self.draining = True
 
     async def health(self, request: web.Request) -> web.Response:
+        workers = {"workers": self.engine.worker_status()} if hasattr(self.engine, "worker_status") else {}
         if not self.engine.healthy:
-            return web.json_response({"status": "unhealthy", "error": self.engine.error}, status=503)
+            return web.json_response({"status": "unhealthy", "error": self.engine.error, **workers}, status=503)
         if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok"})
+            return web.json_response({"status": "draining", **workers}, status=503)
+        return web.json_response({"status": "ok", **workers})
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         st = self.engine.stats

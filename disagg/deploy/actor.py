@@ -1,16 +1,24 @@
 """The Ray actor around a prefill or a decode worker. Arguments and results are msgpack bytes.
 
-One actor per GPU (a CPU actor when there is none). Set-up is in steps, because every
-rank must have joined the process group before any pair can talk:
-  1. __init__: nothing heavy;  2. address(): rank 0 picks the store's host:port;
-  3. setup(): join torch.distributed, load the model, build the worker;
-  4. handshake() / measure_bandwidth() / codec_speed();  5. start(codec): run the loop thread.
+One actor per GPU (a CPU actor when there is none). Set-up is in steps, because the
+KV channel's groups are built with every peer at once (kvtransfer/groups.py; the store
+is hosted by the driver):
+  1. __init__: nothing heavy;  2. setup(): build the KV channel's groups, load the model,
+  build the worker;  3. handshake() / measure_bandwidth() / codec_speed();  4. start(codec):
+  run the loop thread.
+
+After a restart (Ray re-runs __init__ in a new process: disagg/deploy/recovery.py) the same
+steps run under a new epoch with the live peers only, while each live peer calls
+reconnect(rank, epoch); ring groups are re-formed with ring_down / reform_ring / ring_up.
+Those calls change what the loop thread uses, so they hold the step lock: the loop runs one
+step at a time under it.
 
 Roles: prefill / decode (a worker: TP rank 0 when it spans a tensor-parallel group), prefill_cp
 (a ring helper), prefill_tp / decode_tp (a TP follower: runs what its leader broadcasts).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import traceback
@@ -24,18 +32,23 @@ class WorkerActor:
         self.role = role
         self.rank = rank
         self.worker = None
+        self.kv = None                  # the KVChannel (self.channel may wrap it: fault injection)
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.tp_leader = None           # a worker spanning a TP group: announces its collectives
+        self._step_lock = threading.Lock()
+        self._paused = threading.Event()
 
-    def address(self, loopback: bool) -> str:
-        from kvtransfer.channel import free_port
-        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-        return f"tcp://{host}:{free_port('127.0.0.1' if loopback else '0.0.0.0')}"
+    def incarnation(self) -> dict:
+        """Which process answers, and whether it was set up (a restarted one was not)."""
+        return {"pid": os.getpid(), "set_up": self.kv is not None, "error": self.error}
 
     def setup(self, engine_cfg: dict, num_prefill: int, num_decode: int, init_method: str, torch_threads: int,
-              prefill_cp: int = 1, prefill_tp: int = 1, decode_tp: int = 1) -> str:
+              prefill_cp: int = 1, prefill_tp: int = 1, decode_tp: int = 1, epoch: int = 0,
+              peers: list[int] | None = None, loopback: bool = True) -> str:
+        """Build the KV channel under `epoch`: every group at bring-up (epoch 0); after a restart,
+        pairs with `peers` (the live ones) and no worker group (reform_ring builds a ring's)."""
         import torch
 
         from disagg.config import ModelConfig
@@ -45,13 +58,62 @@ class WorkerActor:
             torch.set_num_threads(torch_threads)
         self.cfg = engine_config_from_dict(engine_cfg)
         mc = ModelConfig.from_dir(self.cfg.model_dir)
-        self.channel = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp,
-                                               prefill_tp=prefill_tp, decode_tp=decode_tp,
-                                               num_kv_heads=mc.num_kv_heads), self.cfg.torch_device)
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        self.kv = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp,
+                                          prefill_tp=prefill_tp, decode_tp=decode_tp, num_kv_heads=mc.num_kv_heads,
+                                          listen_host=host),
+                            self.cfg.torch_device, epoch=epoch, peers=None if peers is None else set(peers),
+                            worker_group=epoch == 0)
+        self.channel = self.kv
         # this rank's worker group: {prefill leader, its ring helpers} or {worker, its TP followers}
-        self.cp_group = self.channel.cp_group
-        self.channel.warmup()
-        return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()})"
+        self.cp_group = self.kv.cp_group
+        self.kv.warmup()
+        return f"{self.role} rank {self.rank} on {self.cfg.torch_device} (pid {os.getpid()}, epoch {epoch})"
+
+    # ------------------------------------------------------------------ re-forming groups (restarts)
+    def reconnect(self, peer: int, epoch: int) -> None:
+        """`peer` restarted: build the new pair group with it (blocks until its side is up), then,
+        between two steps, swap it in and forget what the worker held for the peer's old process."""
+        pg = self.kv.build_pair(peer, epoch)
+        with self._between_steps():
+            self.kv.install_pair(peer, pg)
+            if self.worker is not None:
+                self.worker.reset_peer(peer)
+
+    def drop_peer(self, peer: int) -> None:
+        """`peer` died: abort its group so that nothing waits on it (NCCL would until the timeout)."""
+        if self.kv is not None:
+            self.kv.drop_peer(peer)
+
+    def ring_down(self) -> None:
+        """A member of this rank's ring died: stop using the ring (a leader prefills every prompt
+        alone) and abort the group, so that a ring step in flight fails instead of hanging."""
+        from kvtransfer.groups import abort
+        if self.worker is not None and hasattr(self.worker, "set_ring"):
+            self.worker.set_ring(None)
+        abort(self.cp_group)
+
+    def reform_ring(self, epoch: int) -> None:
+        """Build the ring group anew with every member (each calls this with the same epoch);
+        a leader keeps it unused until ring_up()."""
+        g = self.kv.build_worker_group(epoch)
+        with self._between_steps():
+            self.cp_group = g
+            if self.worker is not None and self.role == "prefill_cp":
+                self.worker.set_group(g)
+
+    @contextlib.contextmanager
+    def _between_steps(self):
+        self._paused.set()
+        try:
+            with self._step_lock:
+                yield
+        finally:
+            self._paused.clear()
+
+    def ring_up(self) -> None:
+        if self.worker is not None and hasattr(self.worker, "set_ring"):
+            self.worker.set_ring(self.cp_group)
 
     def measure_bandwidth(self, peer: int, nbytes: int) -> float:
         return self.channel.measure_bandwidth(peer, nbytes)
@@ -125,7 +187,10 @@ class WorkerActor:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self.worker.run_step()
+                while self._paused.is_set():      # a re-forming call waits for the lock: let it in
+                    self._stop.wait(0.001)
+                with self._step_lock:
+                    self.worker.run_step()
                 if self.tp_leader is not None:
                     self.tp_leader.heartbeat()
         except Exception as e:  # noqa: BLE001 - reported through health()

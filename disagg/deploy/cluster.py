@@ -4,7 +4,7 @@
 router/server.py serves both modes. Bring-up:
 
     ray.init (local, or --address) -> placement group, one bundle per worker (GPU or CPU)
-    -> actors -> rank 0 picks the store address -> all ranks join torch.distributed
+    -> this process hosts the KV channel's store -> actors (max_restarts) build their groups
     -> handshakes checked pairwise -> link bandwidth and codec speed measured
     -> codec chosen (--kv-codec auto) -> worker loops start -> output and load pollers start
 
@@ -29,6 +29,7 @@ states are in prefill/worker.py and decode/worker.py):
                 tokens already streamed, prefilled on a live decode worker: the client's
                 stream just continues. At most MAX_ATTEMPTS; with no live decode worker the
                 request ends with a clear error (503) and /health answers 503.
+                Meanwhile Ray restarts the dead worker and disagg/deploy/recovery.py re-admits it.
 
 The router detokenizes and applies stop strings (and then aborts the decode side).
 `--prefill 0` makes every decode worker a colocated replica behind this router.
@@ -47,6 +48,7 @@ from disagg.deploy.actor import WorkerActor
 from disagg.deploy.cluster_config import ClusterConfig
 from disagg.deploy.config_codec import engine_config_to_dict
 from disagg.deploy.dispatch import Dispatcher
+from disagg.deploy.recovery import Recovery
 from disagg.engine.async_engine import EngineDeadError, EngineStats
 from disagg.engine.detokenizer import IncrementalDetokenizer
 from disagg.messages import (PrefillRequest, Reserve, ReserveReply, TokenOutput, WorkerLoad, decode, decode_many,
@@ -54,6 +56,7 @@ from disagg.messages import (PrefillRequest, Reserve, ReserveReply, TokenOutput,
 from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, RequestOutput, SamplingParams
 from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
+from kvtransfer.groups import serve_store
 from kvtransfer.handshake import check_compatible
 from router.policy import make_ordering
 from router.prefix_index import PrefixIndex
@@ -112,6 +115,8 @@ class DisaggEngine:
         self.pg = None
         self.actors: dict = {}
         self.helpers: dict = {}           # rank -> ring helper or TP follower actor (no router traffic)
+        self.store = self.store_addr = self._setup_args = None    # the KV channel's rendezvous (launch)
+        self.recovery = Recovery(self, log)
         self._mc = ModelConfig.from_dir(cfg.engine.model_dir)
         cfg.check_model(self._mc)
         sc = cfg.engine.scheduler
@@ -172,11 +177,15 @@ class DisaggEngine:
                     self.pg, placement_group_bundle_index=rank))
             else:         # CPU workers: nothing to pin; they share the host's cores
                 opts = dict(num_gpus=0, num_cpus=0)
-            self.actors[rank] = WorkerActor.options(**opts).remote(role, rank)
-        init = ray.get(self.actors[0].address.remote(c.address is None))
-        threads = 0 if use_gpu else 1
-        for line in ray.get([a.setup.remote(engine_config_to_dict(ecfg), c.num_prefill, c.num_decode, init, threads,
-                                            c.prefill_cp, c.prefill_tp, c.decode_tp) for a in self.actors.values()]):
+            self.actors[rank] = WorkerActor.options(max_restarts=c.max_worker_restarts, max_task_retries=0,
+                                                    **opts).remote(role, rank)
+        # the store lives here, in the process that outlives every worker: a restarted one rejoins through it
+        self.store, self.store_addr = serve_store("127.0.0.1" if c.address is None else ray.util.get_node_ip_address())
+        self._setup_args = (engine_config_to_dict(ecfg), 0 if use_gpu else 1)
+        for line in ray.get([a.setup.remote(self._setup_args[0], c.num_prefill, c.num_decode, self.store_addr,
+                                            self._setup_args[1], c.prefill_cp, c.prefill_tp, c.decode_tp,
+                                            loopback=c.address is None)
+                             for a in self.actors.values()]):
             self.log(f"  {line}")
         self.helpers = {r: self.actors.pop(r) for r in range(c.num_prefill + c.num_decode, n)}
         self._choose_codec()
@@ -349,6 +358,12 @@ class DisaggEngine:
             hit = rank == st.decode_rank or (rank == st.prefill_rank and not st.first_seen)
             if hit and not st.done:
                 st.q.put_nowait(_Retry(f"{role} worker {rank} died"))
+        self.recovery.on_death(rank)
+
+    def readmit(self, rank: int) -> None:
+        """A restarted worker rejoined (recovery.py): route to it again and poll its outputs."""
+        self.dispatcher.dead.discard(rank)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._poll_outputs(rank)))
 
     # ------------------------------------------------------------------ output path
     async def _poll_outputs(self, rank: int) -> None:
@@ -421,6 +436,7 @@ class DisaggEngine:
                     else:
                         self.dispatcher.report(r, decode(ld, WorkerLoad))
                         self._worker_stats[r] = st
+                await self.recovery.check_helpers()
                 self._update_stats()
             except asyncio.CancelledError:
                 raise
@@ -443,7 +459,11 @@ class DisaggEngine:
             "failures": sum(s["failures"] for s in ws.values()),
             "local_prefills": self.local_prefills,
             "retries": self.retries,
-            "dead_workers": len(self.dispatcher.dead)}
+            "dead_workers": len(self.dispatcher.dead) + len(self.recovery.dead_helpers),
+            "worker_restarts": dict(self.recovery.restarts)}
+
+    def worker_status(self) -> dict[str, str]:
+        return self.recovery.status()
 
     def prefix_cache_stats(self) -> list[dict]:
         """Prefix-cache counters per worker for /metrics (from the workers' load reports)."""

@@ -28,6 +28,8 @@ class ClusterConfig:
                                            # against its load; least_loaded: the load alone
     prefill_tp: int = 1                 # GPUs per prefill worker (tensor parallelism)
     decode_tp: int = 1                  # GPUs per decode worker (tensor parallelism)
+    max_worker_restarts: int = 3        # Ray restarts a dead worker this often; it rejoins (recovery.py); 0: stays dead
+    restart_timeout_s: float = 120.0    # how long to wait for a restarted worker's process
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -48,6 +50,8 @@ class ClusterConfig:
             raise ValueError("--prefill-tp and --decode-tp must be at least 1")
         if self.prefill_tp > 1 and self.prefill_cp > 1:
             raise ValueError("--prefill-tp and --prefill-cp cannot both exceed 1 (yet)")
+        if self.max_worker_restarts < 0:
+            raise ValueError("--max-worker-restarts must be >= 0")
 
     def check_model(self, mc) -> None:
         """The TP sizes must split the model's heads (disagg/model/tensor_parallel.check_tp)."""

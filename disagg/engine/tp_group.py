@@ -34,6 +34,7 @@ from decode.scheduler import ScheduledRequest, SchedulerOutput
 from disagg.engine.model_runner import _token_slice
 from disagg.messages import TPStep, decode, encode
 from disagg.model.tensor_parallel import TensorParallel, TPModelRunner
+from kvtransfer import groups
 from kvtransfer.transfer import FAILED, PENDING, KVReceiver, KVSender, _SendPlan
 
 CAPACITY = 1 << 16          # bytes of the first broadcast of a TPStep
@@ -65,28 +66,27 @@ def schedule_from_items(items: list) -> SchedulerOutput:
 class TPGroup:
     def __init__(self, tp: TensorParallel, device: torch.device):
         self.tp = tp
-        self.dev = device if dist.get_backend(tp.group) == "nccl" else torch.device("cpu")
-        self.src = dist.get_global_rank(tp.group, 0) if tp.group is not None else 0
+        self.dev = device if device.type == "cuda" else torch.device("cpu")    # NCCL on GPU, gloo on CPU
 
     def send(self, msg: TPStep) -> None:
         data = encode(msg)
         head = len(data).to_bytes(8, "little") + data[:CAPACITY - 8]
         buf = torch.zeros(CAPACITY, dtype=torch.uint8)
         buf[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(buf.to(self.dev), self.src, group=self.tp.group)
+        groups.broadcast(self.tp.group, buf.to(self.dev), 0)
         if len(data) > CAPACITY - 8:
             rest = torch.frombuffer(bytearray(data[CAPACITY - 8:]), dtype=torch.uint8)
-            dist.broadcast(rest.to(self.dev), self.src, group=self.tp.group)
+            groups.broadcast(self.tp.group, rest.to(self.dev), 0)
 
     def recv(self) -> TPStep:
         buf = torch.empty(CAPACITY, dtype=torch.uint8, device=self.dev)
-        dist.broadcast(buf, self.src, group=self.tp.group)
+        groups.broadcast(self.tp.group, buf, 0)
         b = buf.cpu().numpy().tobytes()
         n = int.from_bytes(b[:8], "little")
         data = b[8:8 + min(n, CAPACITY - 8)]
         if n > CAPACITY - 8:
             rest = torch.empty(n - (CAPACITY - 8), dtype=torch.uint8, device=self.dev)
-            dist.broadcast(rest, self.src, group=self.tp.group)
+            groups.broadcast(self.tp.group, rest, 0)
             data += rest.cpu().numpy().tobytes()
         return decode(data, TPStep)
 
@@ -98,7 +98,7 @@ class TPGroup:
         # one MIN all-reduce: [terminal here? ..., -state ...] -> terminal everywhere, worst state anywhere
         t = torch.tensor([int(s != PENDING) for s in states] + [-s for s in states], dtype=torch.int32)
         t = t.to(self.dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        groups.all_reduce(self.tp.group, t, op=dist.ReduceOp.MIN)
         t = t.tolist()
         final = []
         for p, everywhere, worst in zip(list(receiver.pending), t[:n], t[n:]):

@@ -101,12 +101,13 @@ class TensorParallel:
 
     @classmethod
     def of(cls, group: dist.ProcessGroup | None = None) -> "TensorParallel":
-        return cls(dist.get_world_size(group), dist.get_rank(group), group)
+        from kvtransfer import groups
+        return cls(groups.size(group), groups.rank(group), group)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] partial sums -> the sum over the group, in place."""
-        dist.all_reduce(x, group=self.group)
-        return x
+        from kvtransfer import groups
+        return groups.all_reduce(self.group, x)
 
 
 class TPModelRunner(ModelRunner):
@@ -136,5 +137,6 @@ class TPModelRunner(ModelRunner):
     def _decide_num_blocks(self) -> int:
         n = torch.tensor([super()._decide_num_blocks()], dtype=torch.long,
                          device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.tp.group)
+        from kvtransfer import groups
+        groups.all_reduce(self.tp.group, n, op=dist.ReduceOp.MIN)
         return int(n.item())

@@ -88,14 +88,12 @@ def _full_kv(hkv: int) -> torch.Tensor:
 
 def _reshard_body(rank: int, world: int, init: str, hkv: int, tp_p: int, tp_d: int, codec_name: str) -> None:
     """Ranks 0 (prefill leader), 1 (decode leader), then followers; one plan of T tokens, then checks."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     from disagg.kernels import get_kernels
     from kvtransfer.channel import KVChannel
     from kvtransfer.codec import get_codec
     from kvtransfer.transfer import KVReceiver, KVSender, slot_mapping
-    lay = ChannelConfig(rank, 1, 1, init, prefill_tp=tp_p, decode_tp=tp_d, num_kv_heads=hkv)
+    lay = ChannelConfig(rank, 1, 1, init, prefill_tp=tp_p, decode_tp=tp_d, num_kv_heads=hkv, host_store=rank == 0)
     ch = KVChannel(lay, torch.device("cpu"))
     ch.warmup()
     codec = get_codec(codec_name)
@@ -134,7 +132,13 @@ def _reshard_body(rank: int, world: int, init: str, hkv: int, tp_p: int, tp_d: i
             want = torch.stack([codec.decode(codec.encode(full[i].contiguous()), full[i].shape, torch.float32)[0]
                                 for i in range(L)])[:, :, :, mine.start:mine.stop]
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"rank {rank} tp {tp_p}->{tp_d}: {m}")
-    dist.barrier()
+    # everyone done before rank 0 (which hosts the store) leaves
+    st = ch.store
+    st.set(f"done/{rank}", "1")
+    st.wait([f"done/{r}" for r in range(world)])
+    st.set(f"left/{rank}", "1")
+    if rank == 0:
+        st.wait([f"left/{r}" for r in range(world)])
     ch.close()
 
 
