@@ -164,8 +164,12 @@ class PerfModel:
         c_eff = a / n - (n + 1) / 2 if n else 0.0     # < 0 for several short prompts: less attention
         t = self._prefill(n, c_eff) + self.per_prompt_s * (len(chunks) - 1)
         if b:
-            t += max(0.0, self._decode(b, k) - self._decode(b, b * self._c0))
+            t += max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
         return self._tp(t, n, len(chunks) + b) + self.sched_s + self.sched_seq_s * (len(chunks) + b)
+
+    def _mixed_extra(self, b: int) -> float:
+        """What b decodes cost on top of the tables when they share a step with a prefill chunk."""
+        return 0.0
 
     def step_time(self, b: int, k: float, chunks: list[tuple[int, int]]) -> float:
         return self.prefill_chunks_time(chunks, b, k) if chunks else self.decode_time(b, k)
@@ -284,6 +288,8 @@ class ProfileModel(PerfModel):
         cols = [self._fill_row(self.p_n, [row[j] for row in p["seconds"]]) for j in range(len(self.p_c))]
         self.p_cols = cols                             # per context: seconds over tokens
         self.per_prompt_s = float(prof.get("per_prompt_s", 0.0))
+        md = prof.get("mixed_decode") or {}
+        self.mx_b, self.mx_s = [float(b) for b in md.get("batch", [])], [float(x) for x in md.get("extra_s", [])]
         h = prof.get("host", {})
         self.sched_s = float(h.get("sched_s", PerfModel.sched_s))
         self.sched_seq_s = float(h.get("sched_seq_s", PerfModel.sched_seq_s))
@@ -337,6 +343,11 @@ class ProfileModel(PerfModel):
         batches of several prompts, whose attention is less than one prompt of n tokens has."""
         ys = [_lerp(self.p_n, col, n) for col in self.p_cols]
         return max(_lerp(self.p_c, ys, c, clamp_low=False), 0.5 * ys[0])
+
+    def _mixed_extra(self, b: int) -> float:
+        if not self.mx_b:
+            return 0.0
+        return _lerp(self.mx_b, self.mx_s, b) if len(self.mx_b) > 1 else self.mx_s[0]
 
     def _kv_cache_bytes_tp1(self, util: float) -> float:
         kv = self.prof["kv_cache"]

@@ -43,9 +43,10 @@ FULL = dict(batch=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),     
             context=(128, 512, 1024, 2048, 4096, 8192),
             tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), pcontext=(0, 1024, 4096),
             multi=((4, 512), (8, 256), (16, 128), (4, 2048)), codec_tokens=(256, 1024, 4096),
-            mixed=((32, 1024, 512, 0), (64, 2048, 1024, 0), (16, 512, 2048, 2048), (128, 1024, 256, 0)))
+            mixed=((32, 1024, 512, 0), (64, 2048, 1024, 0), (16, 512, 2048, 2048), (128, 1024, 256, 0)),
+            mixed_batch=(1, 8, 32, 128, 256))
 QUICK = dict(batch=(1, 8, 64), context=(128, 1024), tokens=(64, 512, 2048), pcontext=(0, 1024),
-             multi=((4, 128),), codec_tokens=(256,), mixed=((8, 512, 256, 0),))
+             multi=((4, 128),), codec_tokens=(256,), mixed=((8, 512, 256, 0),), mixed_batch=(1, 8))
 
 
 def log(msg: str) -> None:
@@ -173,6 +174,19 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
     extra = [(x["seconds"] - pm.prefill_chunks_time([(x["tokens"], 0)] * x["prompts"])
               + pm.sched_s + pm.sched_seq_s * x["prompts"]) / (x["prompts"] - 1) for x in prof["multi"]]
     prof["per_prompt_s"] = max(0.0, statistics.median(extra)) if extra else 0.0
+    pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
+    # decodes riding along a prefill chunk: their attention runs eagerly between the graph pieces
+    # (a kernel launch per layer that a decode-only graph does not pay); what the tables miss
+    ex = []
+    for b in grid.get("mixed_batch", ()):
+        if timed_out() or b * 8 + 4 > runner.num_blocks:
+            continue
+        t = m.step([(1, 127)] * b + [(64, 0)])
+        pred = pm.prefill_chunks_time([(64, 0)], b, b * 128) - pm.sched_s - pm.sched_seq_s * (b + 1)
+        ex.append((b, max(0.0, t - pred)))
+    prof["mixed_decode"] = {"batch": [b for b, _ in ex], "extra_s": [x for _, x in ex]}
+    if ex:
+        log("decodes in a mixed step, extra: " + ", ".join(f"B={b}: {x * 1e3:.2f}" for b, x in ex) + " ms")
     pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
     val = []
     for b, c, n, pc in grid["mixed"]:

@@ -85,6 +85,17 @@ def test_profile_model_interpolates_and_extrapolates():
         ProfileModel({"format": "other"})
 
 
+def test_profile_model_mixed_decode_extra():
+    """Decodes sharing a step with a prefill chunk cost the measured extra (interpolated over the
+    batch); decode-only and prefill-only steps do not."""
+    base, mx = ProfileModel(fake_profile()), ProfileModel(fake_profile(mixed_decode={"batch": [1, 8],
+                                                                                     "extra_s": [0.2, 0.9]}))
+    assert mx.decode_time(4, 400) == base.decode_time(4, 400)
+    assert mx.prefill_chunks_time([(55, 0)]) == base.prefill_chunks_time([(55, 0)])
+    assert mx.prefill_chunks_time([(55, 0)], 1, 100) == pytest.approx(base.prefill_chunks_time([(55, 0)], 1, 100) + 0.2)
+    assert mx.prefill_chunks_time([(55, 0)], 4, 400) == pytest.approx(base.prefill_chunks_time([(55, 0)], 4, 400) + 0.5)
+
+
 def test_profile_measures_on_cpu(tmp_path):
     """disagg profile's measurement loop on a tiny model on CPU (times meaningless, shape of the JSON not)."""
     import torch
@@ -103,12 +114,13 @@ def test_profile_measures_on_cpu(tmp_path):
     torch.set_num_threads(1)
     try:
         grid = dict(batch=(1, 4), context=(32, 128), tokens=(16, 64), pcontext=(0, 64), multi=((2, 16),),
-                    codec_tokens=(32,), mixed=((2, 32, 16, 0),))
+                    codec_tokens=(32,), mixed=((2, 32, 16, 0),), mixed_batch=(1, 2))
         prof = profile.measure(ModelRunner(cfg, mc, 512), hf, "tiny", "cpu", grid)
     finally:
         torch.set_num_threads(threads)
     assert prof["decode"]["batch"] == [1, 4] and all(x > 0 for row in prof["decode"]["seconds"] for x in row)
     assert len(prof["prefill"]["seconds"]) == 2 and prof["validation"][0]["seconds"] > 0
+    assert prof["mixed_decode"]["batch"] == [1, 2] and all(x >= 0 for x in prof["mixed_decode"]["extra_s"])
     assert set(prof["codecs"]) == {"none", "fp8", "int8", "int4"} and prof["codecs"]["int4"]["ratio"] > 3
     m = ProfileModel({**json.loads(json.dumps(prof)), "gpu": "h100"})
     assert m.decode_time(2, 100) > 0 and m.num_kv_blocks(16) > 0
