@@ -345,9 +345,17 @@ class ProfileModel(PerfModel):
         return max(_lerp(self.p_c, ys, c, clamp_low=False), 0.5 * ys[0])
 
     def _mixed_extra(self, b: int) -> float:
-        if not self.mx_b:
+        """A least-squares line through the measured extras (a launch cost per step plus a little
+        per decode; single measurements jitter by milliseconds on a busy host), never negative."""
+        xs, ys = self.mx_b, self.mx_s
+        if not xs:
             return 0.0
-        return _lerp(self.mx_b, self.mx_s, b) if len(self.mx_b) > 1 else self.mx_s[0]
+        if len(xs) == 1:
+            return ys[0]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        vx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / vx if vx else 0.0
+        return max(0.0, my + slope * (b - mx))
 
     def _kv_cache_bytes_tp1(self, util: float) -> float:
         kv = self.prof["kv_cache"]
