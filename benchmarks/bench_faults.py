@@ -50,15 +50,19 @@ def workload(n, seed, max_prompt=60, max_out=40):
     return prompts, params
 
 
+DEVICE = "cpu"      # --device cuda: one GPU per worker, NCCL between them
+
+
 def cluster(model_dir, num_prefill, num_decode, **kw):
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.deploy.cluster import ClusterConfig, DisaggEngine
     from disagg.model.tokenizer import Tokenizer
-    ecfg = EngineConfig(model_dir, device="cpu", cache=CacheConfig(block_size=4, num_blocks=1024),
+    ecfg = EngineConfig(model_dir, device=DEVICE, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=1024),
                         scheduler=SchedulerConfig(max_num_batched_tokens=64))
     kw.setdefault("kv_codec", "none")
     kw.setdefault("local_prefill", "never" if num_prefill else "always")
-    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, use_gpus=False, **kw), Tokenizer(model_dir),
+    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, use_gpus=DEVICE == "cuda", **kw),
+                       Tokenizer(model_dir),
                        log=lambda *a: None)
     eng.launch()
     return eng
@@ -182,7 +186,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults_cpu.json"))
     ap.add_argument("--only", default=None, help="comma-separated scenarios (default: all)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: workers on GPUs (NCCL), one per worker (restart-decode needs 3)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     import torch
 
     from conftest import build_tiny_checkpoint, make_engine
@@ -245,7 +253,10 @@ def main():
         with open(args.out) as f:
             results = {**json.load(f)["results"], **results}
     with open(args.out, "w") as f:
-        json.dump({"machine": "CPU (2 cores), Ray CPU actors, tiny random Llama", "requests": args.requests,
+        machine = ("CPU (2 cores), Ray CPU actors, tiny random Llama" if DEVICE == "cpu" else
+                   f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, one GPU per worker, NCCL, "
+                   "tiny random Llama (fp32)")
+        json.dump({"machine": machine, "requests": args.requests,
                    "results": results}, f, indent=1)
     print("JSON:", args.out)
 

@@ -212,9 +212,15 @@ class WorkerActor:
 
     def control(self, data: bytes) -> None:
         from disagg.messages import decode
+        if self.worker is None:
+            # a restarted process not yet set up: the message was meant for its predecessor, whose
+            # plans the sender forgets on reconnect (and whose requests the router re-dispatched)
+            return
         self.worker.control(decode(data))
 
     def abort(self, request_id: str) -> None:
+        if self.worker is None:          # restarted, not yet set up: holds no request
+            return
         if self.role == "prefill":
             self.worker.abort(request_id)
         else:
