@@ -70,6 +70,8 @@ class DecodeWorker:
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = Outbox()
         self._reserve_lock = threading.Lock()
+        self._reserves_waiting = 0                 # Reserve calls queued on the lock (they go first)
+        self._count_lock = threading.Lock()
         self.reserved: set[str] = set()
         self.aborted: set[str] = set()
         self.plans: dict[int, dict[int, TransferPlan]] = defaultdict(dict)    # src -> plan_id -> plan
@@ -85,20 +87,29 @@ class DecodeWorker:
     def reserve(self, msg: Reserve) -> ReserveReply:
         # The block manager belongs to the engine thread; reservations take this lock, and so does
         # the engine thread's step (see run_step), so the two never interleave.
-        with self._reserve_lock:
-            cached = 0
-            try:
-                if msg.prompt_token_ids:     # reuse the prefix this worker holds: only the rest is sent
-                    got = self.engine.reserve_prefix(msg.request_id, list(msg.prompt_token_ids), msg.cache_salt)
-                    ok, cached = got is not None, got or 0
-                else:
-                    ok = self.engine.reserve(msg.request_id, msg.num_prompt_tokens)
-            except ValueError:
-                ok = False
-            if ok:
-                self.reserved.add(msg.request_id)
-                self.ledger[msg.request_id] = (msg.num_prompt_tokens, msg.predicted_len, msg.max_tokens)
-            return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks, cached)
+        with self._count_lock:
+            self._reserves_waiting += 1
+        try:
+            with self._reserve_lock:
+                return self._reserve(msg)
+        finally:
+            with self._count_lock:
+                self._reserves_waiting -= 1
+
+    def _reserve(self, msg: Reserve) -> ReserveReply:
+        cached = 0
+        try:
+            if msg.prompt_token_ids:     # reuse the prefix this worker holds: only the rest is sent
+                got = self.engine.reserve_prefix(msg.request_id, list(msg.prompt_token_ids), msg.cache_salt)
+                ok, cached = got is not None, got or 0
+            else:
+                ok = self.engine.reserve(msg.request_id, msg.num_prompt_tokens)
+        except ValueError:
+            ok = False
+        if ok:
+            self.reserved.add(msg.request_id)
+            self.ledger[msg.request_id] = (msg.num_prompt_tokens, msg.predicted_len, msg.max_tokens)
+        return ReserveReply(msg.request_id, ok, self.engine.block_manager.num_free_blocks, cached)
 
     def control(self, msg) -> None:
         """TransferPlan / PlanDone from a prefill rank, a PrefillRequest to prefill here, or an
@@ -270,6 +281,12 @@ class DecodeWorker:
                 msg = self.inbox.get_nowait()
         except queue.Empty:
             pass
+        # threading.Lock is not fair: right after a step the loop would take it again before a
+        # waiting Reserve thread runs, and a Reserve (on the router's critical path) could wait
+        # several steps. Let queued ones go first (for at most 5 ms).
+        until = time.monotonic() + 0.005
+        while self._reserves_waiting and time.monotonic() < until:
+            time.sleep(0.00005)
         with self._reserve_lock:
             self._post_ready_plans()
             self._admit_landed()

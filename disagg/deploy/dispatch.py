@@ -58,6 +58,22 @@ class Dispatcher:
         self.prefix: PrefixIndex | None = None     # cache-aware routing; None: least-loaded picks
         self.dest_cached: dict[str, int] = {}      # request id -> prompt tokens its decode worker holds (Reserve)
         self.prompts_seen: dict[int, int] = {}     # prefill rank -> first tokens received from it
+        self.first_backoff_s, self.max_backoff_s = 0.005, 0.1    # a waiter's re-check interval, doubling
+        self._wake: asyncio.Event | None = None    # set (and replaced) when a waiter may now proceed
+
+    def _notify(self) -> None:
+        """Wake every waiting acquire: the head left, or a load changed."""
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    async def _wait(self, timeout: float) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
     # ------------------------------------------------------------------ liveness
     def live(self, ranks: list[int]) -> list[int]:
@@ -77,7 +93,7 @@ class Dispatcher:
         now = self.clock()
         self.waiting[rid] = QueueItem(rid, now, prompt_len, predicted)
         deadline = now + self.reserve_timeout_s
-        delay = 0.005
+        delay = self.first_backoff_s
         bs = self.block_size
         need_prompt = blocks_for(prompt_len + 1, bs)
         try:
@@ -113,10 +129,14 @@ class Dispatcher:
                 if self.clock() > deadline:
                     raise APIError(503, "no decode worker has KV-cache room for this request; retry later",
                                    "server_error", headers={"Retry-After": "2"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                # Wait for a change (the head leaving, a load report) or, failing that, re-check after
+                # a backoff. A sleep alone made the queue move at one request per backoff (up to 100 ms
+                # each): the disaggregated pool saturated near 12 req/s on four H200s.
+                await self._wait(delay)
+                delay = min(delay * 2, self.max_backoff_s)
         finally:
             self.waiting.pop(rid, None)
+            self._notify()
 
     def check_fits(self, need_blocks: int) -> None:
         """No live decode worker: 503 now. A prompt bigger than every live decode worker's whole
@@ -191,6 +211,7 @@ class Dispatcher:
                                        queued_prompt_tokens=w.queued_prompt_tokens + tokens,
                                        free_blocks=w.free_blocks if free_blocks is None else free_blocks,
                                        committed_blocks=w.committed_blocks + max(committed, 0))
+        self._notify()
 
     def prefill_done(self, rank: int, tokens: int) -> None:
         """A prompt's first token came back from prefill worker `rank`: until its next report, stop
@@ -211,4 +232,5 @@ class Dispatcher:
         if load.role == "prefill" and load.num_prompts_done < self.prompts_seen.get(rank, 0):
             return False
         self.loads[rank] = load
+        self._notify()
         return True

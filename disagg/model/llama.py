@@ -200,7 +200,7 @@ class LlamaModel:
         if not meta.prefills and out is None:
             o = self.k.paged_attention_decode(q, kc, vc, meta.decode_block_tables,
                                               meta.decode_context_lens, self.scale)
-            return o.view(q.shape[0], -1)
+            return o.view(q.shape[0], q.shape[1] * q.shape[2])
         o = torch.empty_like(q) if out is None else out.view(out.shape[0], *q.shape[1:])
         if nd:
             o[:nd] = self.k.paged_attention_decode(q[:nd], kc, vc, meta.decode_block_tables,
@@ -211,7 +211,7 @@ class LlamaModel:
                 o[s:e] = meta.ring.attend(q[s:e], kk[s:e], v[s:e], kc, vc)
             else:
                 o[s:e] = self._prefill_attention(q[s:e], kk[s:e], v[s:e], kc, vc, ps)
-        return o.view(o.shape[0], -1)
+        return o.view(o.shape[0], q.shape[1] * q.shape[2])     # explicit: a ring slice may be empty
 
     def _prefill_attention(self, q, k, v, kc, vc, ps: PrefillSeq) -> torch.Tensor:
         """Causal attention of a chunk's q: [L, Hq, D] over its prefix (from the cache) and itself.

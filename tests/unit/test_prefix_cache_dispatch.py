@@ -78,3 +78,25 @@ def test_a_load_report_older_than_a_received_first_token_is_ignored():
     fresh = WorkerLoad(0, "prefill", 0, 1, 50, 500, 500, num_prompts_done=4)
     assert d.report(0, fresh) and d.loads[0] is fresh
     assert d.report(2, WorkerLoad(2, "decode", 0, 0, 0, 1, 500))     # decode reports are always taken
+
+
+def test_waiting_requests_are_woken_when_the_head_leaves():
+    """Only the ordering's head may reserve; the others must move as soon as it is done, not after
+    their backoff (a 60 s backoff here: without the wake-ups the queue would hang the test)."""
+    d = _dispatcher(False)
+    d.first_backoff_s = d.max_backoff_s = 60.0
+    order = []
+
+    async def reserve(rank, msg):
+        await asyncio.sleep(0.01)                     # a Reserve RPC in flight while the others queue
+        order.append(msg.request_id)
+        return ReserveReply(msg.request_id, True, 300)
+
+    async def main():
+        tasks = []
+        for i in range(20):
+            tasks.append(asyncio.create_task(d.acquire(f"r{i}", 8, 4.0, 4, reserve)))
+            await asyncio.sleep(0)                    # arrive in order
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    asyncio.run(main())
+    assert order == [f"r{i}" for i in range(20)]      # FCFS kept
