@@ -67,7 +67,16 @@ def test_restarted_decode_and_prefill_workers_rejoin_and_serve(tiny_ckpts):
     eng = _cluster(d, 1, 2)
 
     async def kill(rank):
-        await asyncio.sleep(0.3)
+        # when the worker holds live requests (a fixed delay raced the workload: nothing to retry)
+        def busy(st):
+            if st.done:
+                return False
+            return st.decode_rank == rank if rank in eng.decode_ranks else (st.prefill_rank == rank and
+                                                                           not st.first_seen)
+        t0 = time.monotonic()
+        while not any(busy(st) for st in eng.streams.values()):
+            assert time.monotonic() - t0 < 60, f"rank {rank} never held a request"
+            await asyncio.sleep(0.002)
         ray.kill(eng.actors[rank], no_restart=False)
 
     async def main():
