@@ -45,6 +45,7 @@ import ray
 
 from disagg.config import EngineConfig, ModelConfig
 from disagg.deploy.actor import WorkerActor
+from disagg.deploy.bringup import choose_cluster_codec
 from disagg.deploy.cluster_config import ClusterConfig
 from disagg.deploy.config_codec import engine_config_to_dict
 from disagg.deploy.dispatch import Dispatcher
@@ -55,7 +56,6 @@ from disagg.messages import (PrefillRequest, Reserve, ReserveReply, TokenOutput,
                              encode, params_to_dict)
 from disagg.model.tokenizer import Tokenizer
 from disagg.request import FinishReason, RequestOutput, SamplingParams
-from kvtransfer.codec_select import AUTO_CANDIDATES, choose_codec
 from kvtransfer.groups import serve_store
 from kvtransfer.handshake import check_compatible
 from router.policy import make_ordering
@@ -188,7 +188,7 @@ class DisaggEngine:
                              for a in self.actors.values()]):
             self.log(f"  {line}")
         self.helpers = {r: self.actors.pop(r) for r in range(c.num_prefill + c.num_decode, n)}
-        self._choose_codec()
+        choose_cluster_codec(self)
         hs = {r: decode(b) for r, b in zip(self.actors, ray.get([a.handshake.remote(self.codec)
                                                                   for a in self.actors.values()]))}
         for p in self.prefill_ranks:
@@ -210,35 +210,6 @@ class DisaggEngine:
         first = c.num_prefill + c.num_decode + rank * (c.prefill_cp - 1)
         return {"helpers": [self.helpers[first + j] for j in range(c.prefill_cp - 1)],
                 "min_tokens": c.prefill_cp_min_tokens}
-
-    def _choose_codec(self) -> None:
-        c = self.cfg
-        if not self.prefill_ranks:       # colocated replicas: no KV moves
-            self.codec, self.codec_ratio = "none", 1.0
-            self.log("  no prefill pool: every decode worker prefills its own requests")
-            return
-        p, d = self.prefill_ranks[0], self.decode_ranks[0]
-        nbytes = 64 * 2**20 if c.use_gpus is not False else 16 * 2**20
-        bw = ray.get([self.actors[p].measure_bandwidth.remote(d, nbytes),
-                      self.actors[d].measure_bandwidth.remote(p, nbytes)])[0]
-        self.link = {"pair": [p, d], "bandwidth_bytes_per_s": bw}
-        if c.kv_codec != "auto":
-            self.codec = c.kv_codec
-            self._set_codec_ratio()
-            self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; codec {self.codec} (as asked)")
-            return
-        speeds = ray.get(self.actors[p].codec_speed.remote(list(AUTO_CANDIDATES), 2048))
-        self.codec, times = choose_codec(speeds, bw)
-        self._set_codec_ratio()
-        self.link["handoff_s"] = times
-        self.log(f"  KV link {p}->{d}: {bw / 1e9:.2f} GB/s; per-layer handoff "
-                 + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()) + f" -> codec {self.codec}")
-
-    def _set_codec_ratio(self) -> None:
-        from kvtransfer.codec import get_codec
-        mc = self._mc
-        self.codec_ratio = get_codec(self.codec).compression_ratio((2, 1024, mc.num_kv_heads, mc.head_dim),
-                                                                   self.cfg.engine.torch_dtype)
 
     # ------------------------------------------------------------------ AsyncEngine interface
     @property
