@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 
 import pytest
 import torch
 
+from cluster_util import run_requests
 from conftest import make_engine
 from disagg.request import SamplingParams
 
@@ -48,24 +48,8 @@ async def _run(eng, prompts, params, chaos=None, timeout=60.0):
     """Run all requests concurrently (with `chaos()` beside them); each result is
     ("ok", tokens) or ("error", message)."""
     eng.start()
-
-    async def one(p, sp):
-        toks = []
-        try:
-            async for out in eng.generate(p, sp, uuid.uuid4().hex):
-                toks.extend(out.new_token_ids)
-                if out.finished:
-                    return "ok", toks
-            return "error", "stream ended without a finish"
-        except Exception as e:  # noqa: BLE001 - a clean error is an acceptable end
-            return "error", f"{type(e).__name__}: {e}"
     try:
-        tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in zip(prompts, params)]
-        if chaos is not None:
-            await chaos()
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        assert not pending, f"{len(pending)} requests hung"
-        return [t.result() for t in tasks]
+        return await run_requests(eng, prompts, params, chaos, timeout)
     finally:
         for t in eng._tasks:
             t.cancel()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cluster_util import generate_all
 from conftest import make_engine
 from dist_util import run_ranks
 from disagg.request import SamplingParams
@@ -98,9 +99,6 @@ def test_ring_prefill_through_ray_equals_colocated(tiny_ckpts):
     prefilled by the leader and its helper with ring attention, shorter ones by the leader alone;
     every generation equals the colocated engine's."""
     pytest.importorskip("ray")
-    import asyncio
-    import uuid
-
     import ray
 
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -117,22 +115,9 @@ def test_ring_prefill_through_ray_equals_colocated(tiny_ckpts):
                                      prefill_cp=2, prefill_cp_min_tokens=16), Tokenizer(d), log=lambda *a: None)
     eng.launch()
 
-    async def run_all():
-        eng.start()
-
-        async def one(p, sp):
-            toks = []
-            async for out in eng.generate(p, sp, uuid.uuid4().hex):
-                toks.extend(out.new_token_ids)
-            return toks
-        try:
-            return await asyncio.gather(*[one(p, sp) for p, sp in zip(prompts, params)])
-        finally:
-            for t in eng._tasks:
-                t.cancel()
     try:
         assert len(eng.helpers) == 1
-        results = asyncio.run(run_all())
+        results = generate_all(eng, prompts, params)
         stats = ray.get(eng.actors[0].transfer_stats.remote())
         eng.check_integrity()
     finally:

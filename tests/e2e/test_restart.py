@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
@@ -25,27 +24,13 @@ from disagg.request import SamplingParams
 
 ray = pytest.importorskip("ray")
 
+from cluster_util import run_requests  # noqa: E402
 from test_faults import _cluster, _workload  # noqa: E402
 
 
 async def _generate(eng, prompts, params, chaos=None):
     """All requests at once (with `chaos()` beside them): ("ok", tokens) or ("error", message) each."""
-    async def one(p, sp):
-        toks = []
-        try:
-            async for out in eng.generate(p, sp, uuid.uuid4().hex):
-                toks.extend(out.new_token_ids)
-                if out.finished:
-                    return "ok", toks
-            return "error", "stream ended without a finish"
-        except Exception as e:  # noqa: BLE001 - a clean error is an acceptable end
-            return "error", f"{type(e).__name__}: {e}"
-    tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in zip(prompts, params)]
-    if chaos is not None:
-        await chaos()
-    done, pending = await asyncio.wait(tasks, timeout=120)
-    assert not pending, f"{len(pending)} requests hung"
-    return [t.result() for t in tasks]
+    return await run_requests(eng, prompts, params, chaos)
 
 
 async def _until(cond, what: str, limit_s: float = 240.0) -> None:

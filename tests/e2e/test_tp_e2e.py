@@ -3,12 +3,11 @@
 (`--prefill 0 --decode 1 --decode-tp 2`); greedy and seeded outputs equal the single-device colocated engine's."""
 from __future__ import annotations
 
-import asyncio
-import uuid
 
 import pytest
 import torch
 
+from cluster_util import generate_all
 from conftest import make_engine
 from disagg.request import SamplingParams
 
@@ -38,22 +37,9 @@ def test_tp_cluster_equals_colocated(tiny_ckpts, num_prefill, prefill_tp, decode
                                      prefill_tp=prefill_tp, decode_tp=decode_tp), Tokenizer(d), log=lambda *a: None)
     eng.launch()
 
-    async def run_all():
-        eng.start()
-
-        async def one(p, sp):
-            toks = []
-            async for out in eng.generate(p, sp, uuid.uuid4().hex):
-                toks.extend(out.new_token_ids)
-            return toks
-        try:
-            return await asyncio.wait_for(asyncio.gather(*[one(p, sp) for p, sp in zip(prompts, params)]), 120)
-        finally:
-            for t in eng._tasks:
-                t.cancel()
     try:
         assert len(eng.helpers) == (prefill_tp - 1) * num_prefill + decode_tp - 1     # the TP followers
-        results = asyncio.run(run_all())
+        results = generate_all(eng, prompts, params)
         stats = ray.get([a.transfer_stats.remote() for a in eng.actors.values()])
         eng.check_integrity()
     finally:
