@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         from disagg.chat import main as chat_main
         return chat_main(argv[1:]) or 0
     if argv and argv[0] == "predictor":
-        from router.predictor import main as predictor_main
+        from router.predictor_cli import main as predictor_main
         return predictor_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     return args.fn(args) or 0

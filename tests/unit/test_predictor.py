@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from router.predictor import (DEFAULT_MODEL_PATH, FeatureConfig, FixedPredictor, LearnedPredictor, OraclePredictor,
-                              bucket_of, dense_features, DENSE_NAMES, evaluate, get_predictor, kendall_tau, main,
-                              read_log, train)
+                              bucket_of, dense_features, DENSE_NAMES, evaluate, get_predictor, kendall_tau, train)
+from router.predictor_cli import main, read_log
 
 
 # ---------------------------------------------------------------------------- Kendall tau-b
