@@ -140,6 +140,11 @@ def _reshard_body(rank: int, world: int, init: str, hkv: int, tp_p: int, tp_d: i
     if rank == 0:
         st.wait([f"left/{r}" for r in range(world)])
     ch.close()
+    # leave at once: a gloo process tearing its stateless groups down at interpreter exit sometimes
+    # aborts ("terminate called without an active exception"), which says nothing about what was
+    # tested (tests/unit/test_stateless_groups.py does the same); a failed check raised above
+    import os
+    os._exit(0)
 
 
 @pytest.mark.parametrize("hkv,tp_p,tp_d,codec", [(2, 2, 1, "none"), (2, 1, 2, "int8"), (1, 2, 2, "none"),
