@@ -38,34 +38,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-
-def workload(n, seed, max_prompt=60, max_out=40):
-    import torch
-
-    from disagg.request import SamplingParams
-    g = torch.Generator().manual_seed(seed)
-    rnd = random.Random(seed)
-    prompts = [torch.randint(3, 384, (rnd.randint(1, max_prompt),), generator=g).tolist() for _ in range(n)]
-    params = [SamplingParams(max_tokens=rnd.randint(4, max_out), temperature=0, ignore_eos=True) for _ in range(n)]
-    return prompts, params
+from cluster_util import tiny_cluster, workload  # noqa: E402
 
 
 DEVICE = "cpu"      # --device cuda: one GPU per worker, NCCL between them
 
 
 def cluster(model_dir, num_prefill, num_decode, **kw):
-    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
-    from disagg.deploy.cluster import ClusterConfig, DisaggEngine
-    from disagg.model.tokenizer import Tokenizer
-    ecfg = EngineConfig(model_dir, device=DEVICE, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=1024),
-                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
-    kw.setdefault("kv_codec", "none")
-    kw.setdefault("local_prefill", "never" if num_prefill else "always")
-    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, use_gpus=DEVICE == "cuda", **kw),
-                       Tokenizer(model_dir),
-                       log=lambda *a: None)
-    eng.launch()
-    return eng
+    return tiny_cluster(model_dir, num_prefill, num_decode, device=DEVICE, num_blocks=1024, **kw)
 
 
 async def drive(eng, prompts, params, arrivals=None, kill=None, deadline_s=60.0, server=None, restart=False):

@@ -192,6 +192,14 @@ class DecodeWorker:
         """Tell the router these requests' KV will not be usable here: it dispatches them again."""
         self._emit([TokenOutput(r, [], 0, 0, "retry", error=reason) for r in rids])
 
+    def _give_up(self, rids, reason: str) -> None:
+        """Nothing more will land for these requests: free their reservations, and have the router
+        re-dispatch those still wanted (reserved and not aborted)."""
+        live = [r for r in rids if r in self.reserved and r not in self.aborted]
+        for r in rids:
+            self._drop_reservation(r)
+        self._retry(live, reason)
+
     def _expire_transfers(self) -> None:
         """A plan not landed within transfer_timeout_s: its requests are retried elsewhere; their blocks
         stay held (as for an abort) until the receives complete or fail, since they may still land."""
@@ -206,10 +214,8 @@ class DecodeWorker:
         for key, (p, ok) in list(self.landed.items()):   # KV here, PlanDone never came (prefill died)
             if now - p.started > self.transfer_timeout_s and key not in self.done_msgs:
                 del self.landed[key]
-                live = [r for r in p.request_ids if r in self.reserved and r not in self.aborted]
-                for r in p.request_ids:
-                    self._drop_reservation(r)
-                self._retry(live, f"no first token from prefill rank {p.src} after {self.transfer_timeout_s:g}s")
+                self._give_up(p.request_ids, f"no first token from prefill rank {p.src} after "
+                                             f"{self.transfer_timeout_s:g}s")
 
     def _post_ready_plans(self) -> None:
         """Post irecvs for each source's plans strictly in plan_id order (the wire order)."""
@@ -234,10 +240,7 @@ class DecodeWorker:
                 continue                     # KV is here, first tokens not yet
             pending, ok = self.landed.pop(key)
             if ok is None:                   # the receive failed (peer gone): nothing usable landed
-                live = [r for r in pending.request_ids if r in self.reserved and r not in self.aborted]
-                for r in pending.request_ids:
-                    self._drop_reservation(r)
-                self._retry(live, f"KV transfer from rank {pending.src} failed")
+                self._give_up(pending.request_ids, f"KV transfer from rank {pending.src} failed")
                 continue
             if not ok:
                 self.fallbacks += len(pending.request_ids)
@@ -268,10 +271,7 @@ class DecodeWorker:
                 rids += self.landed.pop(key)[0].request_ids
             for key in [k for k in self.done_msgs if k[0] == src]:
                 del self.done_msgs[key]
-            live = [r for r in rids if r in self.reserved and r not in self.aborted]
-            for r in rids:
-                self._drop_reservation(r)
-            self._retry(live, f"prefill rank {src} restarted")
+            self._give_up(rids, f"prefill rank {src} restarted")
 
     def run_step(self) -> None:
         try:

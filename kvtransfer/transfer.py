@@ -157,8 +157,12 @@ class PendingPlan:
     oks: list[torch.Tensor] = field(default_factory=list)
     keep: torch.Tensor | None = None   # token indices to write (None: all); the rest are discarded
     expired: bool = False         # past the receiver's deadline (the decode worker's bookkeeping)
-    failed: bool = False          # a receive raised (peer gone): nothing more will land
     state: int = PENDING          # on this rank
+
+    @property
+    def failed(self) -> bool:
+        """A receive raised (the peer is gone): nothing more will land."""
+        return self.state == FAILED
 
 
 class KVReceiver:
@@ -221,7 +225,6 @@ class KVReceiver:
             try:
                 self._drain(p)
             except Exception:  # noqa: BLE001 - a failed receive (connection closed): the plan is lost
-                p.failed = True
                 p.state = FAILED
                 continue
             if p.next_layer == len(p.works):

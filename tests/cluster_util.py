@@ -1,8 +1,40 @@
-"""Driving a DisaggEngine from a test: one request's end, and a batch of them."""
+"""Driving a DisaggEngine from a test (or benchmarks/bench_faults.py): a tiny cluster, a workload
+of known lengths, one request's end, and a batch of them."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
+
+
+def tiny_cluster(model_dir: str, num_prefill: int, num_decode: int, device: str = "cpu", num_blocks: int = 2048,
+                 **kw):
+    """A launched cluster of a tiny fp32 checkpoint (Ray CPU actors, or one GPU per worker on cuda):
+    lossless KV (outputs must equal the colocated engine's), prompts prefilled by the prefill pool."""
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    from disagg.deploy.cluster import ClusterConfig, DisaggEngine
+    from disagg.model.tokenizer import Tokenizer
+    ecfg = EngineConfig(model_dir, device=device, dtype="float32",
+                        cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
+    kw.setdefault("kv_codec", "none")
+    kw.setdefault("local_prefill", "never" if num_prefill else "always")
+    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, use_gpus=device == "cuda", **kw),
+                       Tokenizer(model_dir), log=lambda *a: None)
+    eng.launch()
+    return eng
+
+
+def workload(n: int, seed: int, max_prompt: int = 60, max_out: int = 40):
+    """n random prompts (1..max_prompt tokens) with greedy, ignore_eos answers of 4..max_out tokens."""
+    import torch
+
+    from disagg.request import SamplingParams
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    prompts = [torch.randint(3, 384, (rnd.randint(1, max_prompt),), generator=g).tolist() for _ in range(n)]
+    params = [SamplingParams(max_tokens=rnd.randint(4, max_out), temperature=0, ignore_eos=True) for _ in range(n)]
+    return prompts, params
 
 
 async def collect(eng, prompt, params) -> tuple[str, object]:

@@ -63,7 +63,11 @@ class ModelRunner:
             # benchmarks/profile_step.py) and serving rarely repeats one: flash / memory-efficient only.
             torch.backends.cuda.enable_cudnn_sdp(False)
         if self.device.type == "cuda" and self.kernels.name != "torch-reference":
-            self._warm_decode_kernel(cfg.scheduler.max_num_seqs)
+            # every decode-kernel variant now, none mid-serving (_meta keeps the table this wide)
+            from disagg.kernels.paged_attention import compile_variants
+            compile_variants(*self.kv_caches[0], model_cfg.num_heads, cfg.scheduler.max_num_seqs,
+                             self.max_blocks_per_seq)
+            torch.cuda.synchronize()
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
             self._capture_graphs(cfg.scheduler.max_num_seqs)
             limit = min(cfg.piecewise_max_tokens, cfg.scheduler.max_num_batched_tokens)
@@ -116,28 +120,6 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return n
 
-    def _warm_decode_kernel(self, max_bs: int) -> None:
-        """Compile every variant of the paged decode kernel a step can ask for.
-
-        Its split count is a compile-time constant chosen from (batch, table width); with the
-        width fixed, batches 1..max_bs need a handful of variants. Left to the first step that
-        needs each, every compile stalled serving for up to a second (sim_fidelity on an H200).
-        """
-        from disagg.kernels.paged_attention import _num_sms, choose_num_splits, default_config
-        mc, W = self.model_cfg, self.max_blocks_per_seq
-        block_n = default_config(self.dtype, mc.head_dim)[0]
-        nsm = _num_sms(self.device.index or 0)
-        first: dict[int, int] = {}
-        for b in range(1, max_bs + 1):
-            first.setdefault(choose_num_splits(b, mc.num_kv_heads, W, self.block_size, block_n, nsm), b)
-        kc, vc = self.kv_caches[0]
-        for b in first.values():
-            q = torch.zeros(b, mc.num_heads, mc.head_dim, device=self.device, dtype=self.dtype)
-            bt = torch.zeros(b, W, dtype=torch.int32, device=self.device)
-            lens = torch.ones(b, dtype=torch.int32, device=self.device)
-            self.kernels.paged_attention_decode(q, kc, vc, bt, lens, 1.0)
-        torch.cuda.synchronize()
-
     # ------------------------------------------------------------------ inputs
     def _prepare(self, sched: SchedulerOutput):
         """Flatten the step into token ids, positions, slots and attention metadata."""
@@ -172,7 +154,7 @@ class ModelRunner:
         nd = len(dec_tables)
         # On CUDA the table is always max_blocks_per_seq wide (as in the decode graphs): the Triton
         # kernel's split count and integer specialisations then depend on the batch size only, all
-        # compiled at start-up (_warm_decode_kernel), never in the middle of serving.
+        # compiled at start-up (paged_attention.compile_variants), never in the middle of serving.
         width = self.max_blocks_per_seq if self.device.type == "cuda" else max((len(t) for t in dec_tables), default=1)
         return AttnMetadata(
             slot_mapping=self._tensor(slots), num_decode=nd,

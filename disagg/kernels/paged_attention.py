@@ -269,3 +269,21 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         D=D, D_PAD=d_pad, BS=bs, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         S_PAD=max(triton.next_power_of_2(num_splits), 2), num_warps=4)
     return out
+
+
+def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, max_batch: int,
+                     width: int) -> None:
+    """Compile every variant of the kernels that batches 1..max_batch over a block table `width`
+    wide can ask for (the split count is a compile-time constant chosen from batch and width), so
+    that none compiles in the middle of serving (each first use stalled a step by up to ~1 s)."""
+    _, bs, hkv, d = k_cache.shape
+    block_n = default_config(k_cache.dtype, d)[0]
+    nsm = _num_sms(k_cache.device.index or 0)
+    first: dict[int, int] = {}
+    for b in range(1, max_batch + 1):
+        first.setdefault(choose_num_splits(b, hkv, width, bs, block_n, nsm), b)
+    for b in first.values():
+        q = torch.zeros(b, num_heads, d, device=k_cache.device, dtype=k_cache.dtype)
+        bt = torch.zeros(b, width, dtype=torch.int32, device=k_cache.device)
+        lens = torch.ones(b, dtype=torch.int32, device=k_cache.device)
+        paged_attention_decode(q, k_cache, v_cache, bt, lens, 1.0)

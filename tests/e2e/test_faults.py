@@ -14,34 +14,12 @@ import asyncio
 import random
 
 import pytest
-import torch
 
-from cluster_util import run_requests
+from cluster_util import run_requests, tiny_cluster, workload
 from conftest import make_engine
 from disagg.request import SamplingParams
 
 ray = pytest.importorskip("ray")
-
-
-def _cluster(model_dir, num_prefill, num_decode, **kw):
-    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
-    from disagg.deploy.cluster import ClusterConfig, DisaggEngine
-    from disagg.model.tokenizer import Tokenizer
-    ecfg = EngineConfig(model_dir, device="cpu", cache=CacheConfig(block_size=4, num_blocks=2048),
-                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
-    kw.setdefault("kv_codec", "none")         # lossless: outputs must equal the colocated engine's
-    eng = DisaggEngine(ClusterConfig(ecfg, num_prefill, num_decode, use_gpus=False, local_prefill="never", **kw),
-                       Tokenizer(model_dir), log=lambda *a: None)
-    eng.launch()
-    return eng
-
-
-def _workload(n, seed, max_out=40):
-    g = torch.Generator().manual_seed(seed)
-    rnd = random.Random(seed)
-    prompts = [torch.randint(3, 384, (rnd.randint(1, 60),), generator=g).tolist() for _ in range(n)]
-    params = [SamplingParams(max_tokens=rnd.randint(4, max_out), temperature=0, ignore_eos=True) for _ in range(n)]
-    return prompts, params
 
 
 async def _run(eng, prompts, params, chaos=None, timeout=60.0):
@@ -57,9 +35,9 @@ async def _run(eng, prompts, params, chaos=None, timeout=60.0):
 
 def test_killed_workers_every_request_ends(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
-    prompts, params = _workload(50, seed=11, max_out=200)    # long answers: the kills land mid-stream
+    prompts, params = workload(50, seed=11, max_out=200)    # long answers: the kills land mid-stream
     ref = [r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(prompts, params)]
-    eng = _cluster(d, 2, 2)
+    eng = tiny_cluster(d, 2, 2)
     rnd = random.Random(5)
 
     async def chaos():
@@ -84,9 +62,9 @@ def test_killed_workers_every_request_ends(tiny_ckpts):
 
 def test_last_decode_worker_killed_ends_requests_with_an_error(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
-    prompts, _ = _workload(12, seed=3)
+    prompts, _ = workload(12, seed=3)
     params = [SamplingParams(max_tokens=440, temperature=0, ignore_eos=True) for _ in prompts]
-    eng = _cluster(d, 1, 1)
+    eng = tiny_cluster(d, 1, 1)
 
     async def chaos():
         await asyncio.sleep(0.3)
@@ -105,9 +83,9 @@ def test_last_decode_worker_killed_ends_requests_with_an_error(tiny_ckpts):
 
 def test_flipped_bytes_in_transfers_never_reach_an_output(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
-    prompts, params = _workload(16, seed=7)
+    prompts, params = workload(16, seed=7)
     ref = [r.output_token_ids for r in make_engine(d, num_blocks=1024).generate(prompts, params)]
-    eng = _cluster(d, 1, 1, kv_fault_rate=0.3)
+    eng = tiny_cluster(d, 1, 1, kv_fault_rate=0.3)
     try:
         results = asyncio.run(_run(eng, prompts, params))
         stats = [ray.get(a.transfer_stats.remote()) for a in eng.actors.values()]

@@ -24,8 +24,7 @@ from disagg.request import SamplingParams
 
 ray = pytest.importorskip("ray")
 
-from cluster_util import run_requests  # noqa: E402
-from test_faults import _cluster, _workload  # noqa: E402
+from cluster_util import run_requests, tiny_cluster, workload  # noqa: E402
 
 
 async def _generate(eng, prompts, params, chaos=None):
@@ -47,9 +46,9 @@ def _plans(eng, rank: int) -> int:
 
 def test_restarted_decode_and_prefill_workers_rejoin_and_serve(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
-    phases = [_workload(16, seed=s, max_out=120 if s % 2 == 0 else 30) for s in (21, 22, 23, 24)]
+    phases = [workload(16, seed=s, max_out=120 if s % 2 == 0 else 30) for s in (21, 22, 23, 24)]
     refs = [[r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(p, sp)] for p, sp in phases]
-    eng = _cluster(d, 1, 2)
+    eng = tiny_cluster(d, 1, 2)
 
     async def kill(rank):
         # when the worker holds live requests (a fixed delay raced the workload: nothing to retry)
@@ -97,11 +96,11 @@ def test_restarted_decode_and_prefill_workers_rejoin_and_serve(tiny_ckpts):
 
 def test_last_decode_worker_restarts_and_service_resumes(tiny_ckpts):
     d = tiny_ckpts("llama_gqa")
-    prompts, _ = _workload(8, seed=3)
+    prompts, _ = workload(8, seed=3)
     params = [SamplingParams(max_tokens=300, temperature=0, ignore_eos=True) for _ in prompts]
-    after_p, after_sp = _workload(8, seed=4)
+    after_p, after_sp = workload(8, seed=4)
     ref = [r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(after_p, after_sp)]
-    eng = _cluster(d, 1, 1)
+    eng = tiny_cluster(d, 1, 1)
     seen = {}
 
     async def chaos():
@@ -139,9 +138,9 @@ def test_ring_helper_restarts_and_the_ring_reforms(tiny_ckpts):
     """--prefill-cp 2: the helper killed, the ring goes down on its leader (which prefills alone, equal
     outputs), then the restarted helper and the leader re-form the ring and prompts go around it again."""
     d = tiny_ckpts("llama_gqa")
-    phases = [_workload(8, seed=s, max_out=20) for s in (31, 32)]
+    phases = [workload(8, seed=s, max_out=20) for s in (31, 32)]
     refs = [[r.output_token_ids for r in make_engine(d, num_blocks=4096).generate(p, sp)] for p, sp in phases]
-    eng = _cluster(d, 1, 1, prefill_cp=2, prefill_cp_min_tokens=16)
+    eng = tiny_cluster(d, 1, 1, prefill_cp=2, prefill_cp_min_tokens=16)
     helper = 2
 
     def ring_prefills():
