@@ -21,6 +21,7 @@ benchmarks/results/sim_fidelity_<device>.json (also under $OUT when set).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
@@ -83,6 +84,7 @@ def replay(eng, trace, prompts) -> dict:
     finished = 0
     steps = 0
     shapes, secs = [], []                 # per step: (decodes, KV tokens, prefill chunks), seconds
+    starts, maxc = [], []                 # per step: start (perf_counter), longest decode context
     schedule = eng.scheduler.schedule
     execute = eng.runner.execute
     exec_s = []                           # per step: seconds inside runner.execute (the rest is host work)
@@ -98,8 +100,18 @@ def replay(eng, trace, prompts) -> dict:
         out = schedule()
         if out:
             shapes.append(step_shape(out))
+            maxc.append(max((x.start + 1 for x in out.scheduled if x.is_decode), default=0))
         return out
     eng.scheduler.schedule = recording_schedule
+    gc_pauses: list[tuple[int, float]] = []           # (generation, seconds) of every collection
+    gc_t0 = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_t0[0]))
+    gc.callbacks.append(on_gc)
     while finished < n:
         try:
             i = q.get(timeout=0.05) if not eng.has_unfinished() else q.get_nowait()
@@ -118,6 +130,7 @@ def replay(eng, trace, prompts) -> dict:
         t = time.perf_counter()
         if len(secs) < len(shapes):
             secs.append(t - ts)
+            starts.append(ts)
         for o in outs:
             i = int(o.request_id)
             if o.new_token_ids and first[i] is None:
@@ -126,12 +139,16 @@ def replay(eng, trace, prompts) -> dict:
             if o.finished:
                 done[i] = t
                 finished += 1
+    gc.callbacks.remove(on_gc)
     eng.scheduler.schedule = schedule
     eng.runner.execute = execute
     arrival = [t0 + r.arrival_s for r in trace]
+    gcs = {g: [x for k, x in gc_pauses if k == g] for g in (0, 1, 2)}
     return {"arrival": arrival, "first": first, "done": done, "num_out": nout, "steps": steps,
             "max_add_lag_s": max(a - b for a, b in zip(added, arrival)), "shapes": shapes, "step_s": secs,
-            "exec_s": exec_s[:len(secs)]}
+            "exec_s": exec_s[:len(secs)], "start_s": [x - t0 for x in starts], "max_context": maxc[:len(secs)],
+            "gc": {f"gen{g}": {"count": len(v), "total_s": sum(v), "max_s": max(v, default=0.0)}
+                   for g, v in gcs.items()}}
 
 
 def warm_up(eng, max_len: int, budget: int) -> float:
@@ -334,6 +351,9 @@ def main() -> int:
             if ex:
                 print(f"{kind} steps: median {np.median([x for x, _ in ex]) * 1e3:.1f} ms, of which runner.execute "
                       f"{np.median([e for _, e in ex]) * 1e3:.1f} ms (median)")
+        print("garbage collections during the replay: " + ", ".join(
+            f"{g} {v['count']} ({v['total_s'] * 1e3:.1f} ms, longest {v['max_s'] * 1e3:.1f} ms)"
+            for g, v in real["gc"].items()))
         print(f"engine: {real['steps']} steps ({mixed} with prefill chunks), {sum(real['step_s']):.1f}s busy; "
               f"simulated (profile): {sims['profile']['steps']} steps ({sims['profile']['mixed_steps']} with prefill "
               f"chunks), {sims['profile']['busy_s']:.1f}s busy")
@@ -341,8 +361,12 @@ def main() -> int:
                        "simulated": sims, "rows": rows, "engine_steps": real["steps"], "engine_mixed_steps": mixed,
                        "engine_busy_s": sum(real["step_s"]), "max_add_lag_s": real["max_add_lag_s"],
                        "step_model_vs_measured": errs, "per_request": per_request(real),
-                       "steps": [[b, k, c, round(x, 6), round(e, 6)] for (b, k, c), x, e
-                                 in zip(real["shapes"], real["step_s"], real["exec_s"])]})
+                       "gc": real["gc"],
+                       # per step: decodes, KV tokens, chunks, seconds, of which runner.execute, start
+                       # (from the replay's origin), longest decode context
+                       "steps": [[b, k, c, round(x, 6), round(e, 6), round(t, 6), m] for (b, k, c), x, e, t, m
+                                 in zip(real["shapes"], real["step_s"], real["exec_s"], real["start_s"],
+                                        real["max_context"])]})
     slug = "cpu" if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")
     out = {"benchmark": "sim_fidelity", "device": gpu_name, "model": name, "trace": os.path.basename(args.trace),
            "start": args.start, "requests": len(trace), "num_blocks": eng.runner.num_blocks,

@@ -5,7 +5,9 @@
 Re-runs the simulator (uncoalesced, the shipped H200 profile) on the trace slices of a
 sim_fidelity result and compares with the engine's recorded steps: steps, steps with prefill
 chunks, tokens and chunks per such step, decodes per step; then applies the step-time model to
-the engine's own step shapes: model / measured per step (median) and in total (busy seconds).
+the engine's own step shapes: model / measured per step (median) and in total (busy seconds);
+last, the simulator as sim_fidelity runs it (coalesced) with the current model code and profile:
+predicted against the recorded measured P50 / P90 TTFT and TPOT (--profile FILE: another profile).
 """
 import json
 import os
@@ -17,6 +19,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 from disagg.sim.perf_model import ProfileModel, load_profile  # noqa: E402
+from disagg.sim.report import summarize  # noqa: E402
 from disagg.sim.simulator import SimConfig, Simulator  # noqa: E402
 from disagg.traces import cap_lengths, load_csv, rescale  # noqa: E402
 from sim_fidelity import default_trace  # noqa: E402
@@ -29,8 +32,13 @@ def mean(xs) -> float:
 
 
 def main() -> None:
-    d = json.load(open(sys.argv[1] if len(sys.argv) > 1 else RUN3))
-    pm = ProfileModel({**load_profile(os.path.join(ROOT, "disagg/sim/profiles/h200_llama3_8b.json")), "gpu": "h200"})
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result", nargs="?", default=RUN3, help="a sim_fidelity result JSON")
+    ap.add_argument("--profile", default=os.path.join(ROOT, "disagg/sim/profiles/h200_llama3_8b.json"))
+    args = ap.parse_args()
+    d = json.load(open(args.result))
+    pm = ProfileModel({**load_profile(args.profile), "gpu": "h200"})
     trace = cap_lengths(load_csv(default_trace(), start=d["start"], limit=d["requests"]), 8192)
     for p in d["points"]:
         tr = rescale(trace, p["rate"]) if p["rate"] else trace
@@ -40,7 +48,7 @@ def main() -> None:
         sim = Simulator(tr, scfg, pm)
         sim.step_log = []
         sim.run()
-        eng = p["steps"]                                        # [decodes, KV tokens, chunks, s, execute s]
+        eng = [x[:5] for x in p["steps"]]                       # [decodes, KV tokens, chunks, s, execute s]
         e_mixed = [s for s in eng if s[2]]
         s_mixed = [s for s in sim.step_log if any(n > 1 for _, n in s[2])]
         print(f"rate {p['rate'] or 'as recorded'}: engine {len(eng)} steps ({len(e_mixed)} with prefill chunks), "
@@ -57,6 +65,10 @@ def main() -> None:
         print(f"  step model / measured on the engine's shapes: decode x{statistics.median(dec):.3f}, mixed "
               f"x{statistics.median(mix):.3f} (medians); busy {busy:.1f} s modelled against "
               f"{sum(s[3] for s in eng):.1f} s measured")
+        rep = summarize(Simulator(tr, SimConfig(**{**scfg.__dict__, "coalesce": True}), pm).run())
+        print("  re-simulated (coalesced) / recorded measurement: " + ", ".join(
+            f"{k[:-2].upper()} {q.upper()} {rep[k][q] * 1e3:.1f} / {p['measured'][k][q] * 1e3:.1f} ms "
+            f"({rep[k][q] / p['measured'][k][q] - 1:+.1%})" for k in ("ttft_s", "tpot_s") for q in ("p50", "p90")))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ steps with prefill chunks (disagg/engine/piecewise.py).
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -74,6 +75,13 @@ class ModelRunner:
             if limit >= 16:
                 from disagg.engine.piecewise import PiecewiseGraphs
                 self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, limit)
+        # What start-up built (the model's modules, graphs, kernels) lives as long as the process:
+        # out of the cyclic collector's reach, a full collection while serving scans only what
+        # serving allocated (the same reason vLLM freezes after start-up). GPU only: CPU test
+        # processes build many runners and must get their cycles back.
+        if self.device.type == "cuda":
+            gc.collect()
+            gc.freeze()
 
     def _load_model(self, progress: bool) -> LlamaModel:
         """The weights on this device (disagg/model/tensor_parallel.TPModelRunner loads one shard)."""

@@ -5,11 +5,15 @@ The simulator asks a PerfModel for the duration of each step its (real) schedule
     step_time(B, K, chunks)   B decoding requests reading K KV tokens in total, plus prefill
                               chunks [(n, c)]: n new tokens after c cached ones
         decode-only (no chunks):   decode(B, K)                    a CUDA-graph replay
-        with chunks (eager):       prefill(N, C_eff) + per_prompt * (chunks - 1)
+        with chunks (piecewise):   prefill(N, C_eff) + prefill(P, 0) - prefill(N, 0)
+                                   + per_prompt * (chunks - 1)
                                    + decode(B, K) - decode(B, B * c0)   the decodes' KV reads
+                                   + mixed_extra(B)                     their eager attention
            N = sum n + B (every token goes through the GEMMs), C_eff the context that gives one
            prompt of N tokens the chunks' attention work A = sum(n c + n (n + 1) / 2) (negative
-           for several short prompts), c0 the smallest measured decode context.
+           for several short prompts), c0 the smallest measured decode context, P the piecewise
+           graph bucket the engine pads N up to (the GEMMs run on P rows, attention on N; a
+           profile without buckets: P = N).
         plus the host: sched_s + sched_seq_s * (requests in the step)  (schedule + update)
 
 Two sources, one interface:
@@ -163,6 +167,9 @@ class PerfModel:
         a = sum(attn_pairs(x, c) for x, c in chunks)
         c_eff = a / n - (n + 1) / 2 if n else 0.0     # < 0 for several short prompts: less attention
         t = self._prefill(n, c_eff) + self.per_prompt_s * (len(chunks) - 1)
+        p = self._bucket(n)
+        if p > n:                                       # padding rows: GEMMs of p rows, attention of n
+            t += self._prefill(p, 0.0) - self._prefill(n, 0.0)
         if b:
             t += max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
         return self._tp(t, n, len(chunks) + b) + self.sched_s + self.sched_seq_s * (len(chunks) + b)
@@ -170,6 +177,10 @@ class PerfModel:
     def _mixed_extra(self, b: int) -> float:
         """What b decodes cost on top of the tables when they share a step with a prefill chunk."""
         return 0.0
+
+    def _bucket(self, n: int) -> int:
+        """The token count a step of n tokens runs at (piecewise CUDA-graph padding)."""
+        return n
 
     def step_time(self, b: int, k: float, chunks: list[tuple[int, int]]) -> float:
         return self.prefill_chunks_time(chunks, b, k) if chunks else self.decode_time(b, k)
@@ -287,6 +298,7 @@ class ProfileModel(PerfModel):
         self.p_c = [float(c) for c in p["context"]]
         cols = [self._fill_row(self.p_n, [row[j] for row in p["seconds"]]) for j in range(len(self.p_c))]
         self.p_cols = cols                             # per context: seconds over tokens
+        self.p_buckets = sorted(int(x) for x in p.get("buckets") or [])
         self.per_prompt_s = float(prof.get("per_prompt_s", 0.0))
         md = prof.get("mixed_decode") or {}
         self.mx_b, self.mx_s = [float(b) for b in md.get("batch", [])], [float(x) for x in md.get("extra_s", [])]
@@ -343,6 +355,10 @@ class ProfileModel(PerfModel):
         batches of several prompts, whose attention is less than one prompt of n tokens has."""
         ys = [_lerp(self.p_n, col, n) for col in self.p_cols]
         return max(_lerp(self.p_c, ys, c, clamp_low=False), 0.5 * ys[0])
+
+    def _bucket(self, n: int) -> int:
+        g = self.p_buckets
+        return g[bisect.bisect_left(g, n)] if g and n <= g[-1] else n
 
     def _mixed_extra(self, b: int) -> float:
         """A least-squares line through the measured extras (a launch cost per step plus a little

@@ -24,7 +24,8 @@ Profile JSON (format disagg-perf-profile-v1), seconds throughout:
     gpu, gpu_memory_bytes, torch, dtype, model {name, config (HF dict)},
     kv_cache {num_blocks, block_size, gpu_memory_utilization, max_num_batched_tokens},
     decode {batch [B], context [c], seconds [B][c] (null: did not fit the KV cache), graph_sizes},
-    prefill {tokens [n], context [c], seconds [n][c] (null: past max_model_len)},
+    prefill {tokens [n], context [c], seconds [n][c] (null: past max_model_len), buckets [P]
+             (the piecewise graphs' token buckets: a step of n tokens runs padded to the next one)},
     multi [{prompts, tokens, seconds}], per_prompt_s, host {sched_s, sched_seq_s},
     codecs {name: {tokens [T], encode_s [T], decode_s [T], ratio}}, link {kind, bytes_per_s,
     latency_s, method}, validation [{batch, context, prefill_tokens, prefill_context, seconds,
@@ -41,7 +42,9 @@ import time
 
 FULL = dict(batch=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),     # the captured graph sizes
             context=(128, 512, 1024, 2048, 4096, 8192),
-            tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), pcontext=(0, 1024, 4096),
+            # every piecewise bucket (disagg/engine/piecewise.py), then eager sizes
+            tokens=(16, 32, 64, 128, 192, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 4096, 8192),
+            pcontext=(0, 1024, 4096),
             multi=((4, 512), (8, 256), (16, 128), (4, 2048)), codec_tokens=(256, 1024, 4096),
             mixed=((32, 1024, 512, 0), (64, 2048, 1024, 0), (16, 512, 2048, 2048), (128, 1024, 256, 0)),
             mixed_batch=(1, 8, 32, 128, 256))
@@ -158,7 +161,9 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
                       "seconds": [r for _, r in rows], "graph_sizes": sorted(runner.graphs)}
     # prefill: a row per chunk length, a column per cached context
     tokens = [n for n in grid["tokens"] if n < max_len]
-    prof["prefill"] = {"tokens": tokens, "context": list(grid["pcontext"]), "seconds": [
+    pw = getattr(runner, "piecewise", None)
+    prof["prefill"] = {"tokens": tokens, "context": list(grid["pcontext"]),
+                       "buckets": list(pw.sizes) if pw is not None and pw.graphs else [], "seconds": [
         [m.step([(n, c)]) if n + c <= max_len and not timed_out() else None for c in grid["pcontext"]]
         for n in tokens]}
     log("prefill: " + ", ".join(f"{n}: {row[0] * 1e3:.1f}" for n, row in zip(tokens, prof["prefill"]["seconds"])

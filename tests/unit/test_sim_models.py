@@ -96,6 +96,19 @@ def test_profile_model_mixed_decode_extra():
     assert mx.prefill_chunks_time([(55, 0)], 4, 400) == pytest.approx(base.prefill_chunks_time([(55, 0)], 4, 400) + 0.5)
 
 
+def test_profile_model_pads_prefill_steps_to_the_piecewise_bucket():
+    """A step of n tokens runs its GEMMs padded to the next captured bucket, its attention on n:
+    prefill(n, c) + prefill(bucket, 0) - prefill(n, 0). Past the last bucket (eager) no padding."""
+    tab = {"tokens": [10, 100, 200], "context": [0, 1000], "seconds": [[5.0, 6.0], [7.0, 9.0], [11.0, 15.0]]}
+    flat = ProfileModel(fake_profile(prefill=tab))
+    pad = ProfileModel(fake_profile(prefill={**tab, "buckets": [10, 100]}))
+    assert pad.prefill_chunks_time([(100, 0)]) == flat.prefill_chunks_time([(100, 0)]) == 7.0
+    # 55 tokens after 1000 cached: flat 6.0 + (9.0 - 6.0) * 0.5 = 7.5; padded to 100: + 7.0 - 6.0
+    assert flat.prefill_chunks_time([(55, 1000)]) == pytest.approx(7.5)
+    assert pad.prefill_chunks_time([(55, 1000)]) == pytest.approx(7.5 + 1.0)
+    assert pad.prefill_chunks_time([(150, 0)]) == flat.prefill_chunks_time([(150, 0)]) == pytest.approx(9.0)
+
+
 def test_profile_measures_on_cpu(tmp_path):
     """disagg profile's measurement loop on a tiny model on CPU (times meaningless, shape of the JSON not)."""
     import torch
