@@ -77,7 +77,8 @@ def main() -> int:
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim.cli import model_config
     from disagg.sim.perf_model import ProfileModel, load_profile
-    from sim_fidelity import TINY, warm_up, write_model_dir
+    from disagg.sim.profile import write_model_dir
+    from sim_fidelity import TINY, warm_up
 
     res = json.load(open(args.result))
     point = res["points"][args.point]
@@ -127,7 +128,7 @@ def main() -> int:
         chunks = [tuple(c) for c in chunks]
         row = {"step": i, "decodes": b, "kv_tokens": k, "chunks": chunks, "served_s": served_s,
                "served_exec_s": served_exec_s,
-               "model_s": pm.step_time(b, k, chunks) - pm.sched_s - pm.sched_seq_s * (b + len(chunks)) if pm else None}
+               "model_s": pm.step_time(b, k, chunks) - pm.host_s(b, chunks) if pm else None}
         out = build(runner, decode_contexts(b, k, False), chunks) if b else build(runner, [], chunks)
         row["cold_s"] = timed(out)
         row["warm_s"] = statistics.median(timed(out) for _ in range(3))

@@ -28,7 +28,6 @@ import queue
 import random
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -48,21 +47,6 @@ def default_trace() -> str:
         if os.path.exists(p):
             return p
     return os.path.join(ROOT, TRACE)
-
-
-def write_model_dir(hf: dict) -> str:
-    """config.json + a word-level tokenizer over the vocabulary (LLMEngine wants one; ids only here)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    d = tempfile.mkdtemp(prefix="sim_fidelity_")
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(hf, f)
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, hf["vocab_size"])}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(os.path.join(d, "tokenizer.json"))
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
-    return d
 
 
 def replay(eng, trace, prompts) -> dict:
@@ -240,6 +224,7 @@ def main() -> int:
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim import profile as sim_profile
+    from disagg.sim.profile import write_model_dir
     from disagg.sim.cli import model_config
     from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
     from disagg.sim.report import summarize
@@ -377,7 +362,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and os.path.dirname(os.path.abspath(path)) != os.path.abspath(os.environ["OUT"]):
         shutil.copy(path, os.environ["OUT"])
         if not args.profile:
             with open(os.path.join(os.environ["OUT"], f"profile_{slug}_{name}.json"), "w") as f:

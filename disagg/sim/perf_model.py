@@ -14,7 +14,8 @@ The simulator asks a PerfModel for the duration of each step its (real) schedule
            for several short prompts), c0 the smallest measured decode context, P the piecewise
            graph bucket the engine pads N up to (the GEMMs run on P rows, attention on N; a
            profile without buckets: P = N).
-        plus the host: sched_s + sched_seq_s * (requests in the step)  (schedule + update)
+        plus the host: sched_s + sched_seq_s * (requests in the step)  (schedule + update + outputs)
+                       + chunk_s * chunks + chunk_token_s * (prompt tokens)  (blocks, prefix hashes)
 
 Two sources, one interface:
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import statistics
 from dataclasses import dataclass
 
 from disagg.config import ModelConfig
@@ -127,6 +129,8 @@ class PerfModel:
     per_prompt_s: float = 0.0
     sched_s: float = 20e-6
     sched_seq_s: float = 2e-6
+    chunk_s: float = 0.0
+    chunk_token_s: float = 0.0
 
     def codec_layer_s(self, codec: str, tokens: int) -> tuple[float, float]:
         """(encode, decode + checksum) seconds for one layer's KV of `tokens` tokens."""
@@ -159,7 +163,7 @@ class PerfModel:
 
     def decode_time(self, b: int, k: float) -> float:
         """A decode-only step (CUDA graph) of b requests reading k KV tokens, host included."""
-        return self._tp(self._decode(b, k), b, b) + self.sched_s + self.sched_seq_s * b
+        return self._tp(self._decode(b, k), b, b) + self.host_s(b, [])
 
     def prefill_chunks_time(self, chunks: list[tuple[int, int]], b: int = 0, k: float = 0.0) -> float:
         """An eager step: prefill chunks [(n, c)] and b decodes reading k KV tokens."""
@@ -172,7 +176,12 @@ class PerfModel:
             t += self._prefill(p, 0.0) - self._prefill(n, 0.0)
         if b:
             t += max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
-        return self._tp(t, n, len(chunks) + b) + self.sched_s + self.sched_seq_s * (len(chunks) + b)
+        return self._tp(t, n, len(chunks) + b) + self.host_s(b, chunks)
+
+    def host_s(self, b: int, chunks: list[tuple[int, int]]) -> float:
+        """The engine's host work of a step (outside the runner): schedule, update, outputs."""
+        return (self.sched_s + self.sched_seq_s * (len(chunks) + b) + self.chunk_s * len(chunks)
+                + self.chunk_token_s * sum(n for n, _ in chunks))
 
     def _mixed_extra(self, b: int) -> float:
         """What b decodes cost on top of the tables when they share a step with a prefill chunk."""
@@ -302,9 +311,12 @@ class ProfileModel(PerfModel):
         self.per_prompt_s = float(prof.get("per_prompt_s", 0.0))
         md = prof.get("mixed_decode") or {}
         self.mx_b, self.mx_s = [float(b) for b in md.get("batch", [])], [float(x) for x in md.get("extra_s", [])]
+        self._mx_line: tuple[float, float] | None = None
         h = prof.get("host", {})
         self.sched_s = float(h.get("sched_s", PerfModel.sched_s))
         self.sched_seq_s = float(h.get("sched_seq_s", PerfModel.sched_seq_s))
+        self.chunk_s = float(h.get("chunk_s", 0.0))
+        self.chunk_token_s = float(h.get("chunk_token_s", 0.0))
         lk = prof.get("link")
         if lk and link_kind in (None, lk.get("kind")):
             self.link = LinkSpec(lk["kind"], float(lk["bytes_per_s"]), float(lk["latency_s"]))
@@ -361,17 +373,20 @@ class ProfileModel(PerfModel):
         return g[bisect.bisect_left(g, n)] if g and n <= g[-1] else n
 
     def _mixed_extra(self, b: int) -> float:
-        """A least-squares line through the measured extras (a launch cost per step plus a little
-        per decode; single measurements jitter by milliseconds on a busy host), never negative."""
+        """A line through the measured extras (a launch cost per step plus a little per decode),
+        fitted robustly: single measurements jitter by milliseconds on some hosts (one point 2-3x
+        the others), so the slope is the median of the pairwise slopes (Theil-Sen, never negative:
+        a decode does not make a step cheaper) and the intercept the median residual."""
         xs, ys = self.mx_b, self.mx_s
         if not xs:
             return 0.0
-        if len(xs) == 1:
-            return ys[0]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        vx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / vx if vx else 0.0
-        return max(0.0, my + slope * (b - mx))
+        if self._mx_line is None:
+            slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs))
+                            for j in range(i + 1, len(xs)) if xs[j] != xs[i])
+            slope = max(0.0, statistics.median(slopes)) if slopes else 0.0
+            self._mx_line = (statistics.median(y - slope * x for x, y in zip(xs, ys)), slope)
+        a, k = self._mx_line
+        return max(0.0, a + k * b)
 
     def _kv_cache_bytes_tp1(self, util: float) -> float:
         kv = self.prof["kv_cache"]

@@ -26,7 +26,7 @@ Profile JSON (format disagg-perf-profile-v1), seconds throughout:
     decode {batch [B], context [c], seconds [B][c] (null: did not fit the KV cache), graph_sizes},
     prefill {tokens [n], context [c], seconds [n][c] (null: past max_model_len), buckets [P]
              (the piecewise graphs' token buckets: a step of n tokens runs padded to the next one)},
-    multi [{prompts, tokens, seconds}], per_prompt_s, host {sched_s, sched_seq_s},
+    multi [{prompts, tokens, seconds}], per_prompt_s, host {sched_s, sched_seq_s, chunk_s, chunk_token_s},
     codecs {name: {tokens [T], encode_s [T], decode_s [T], ratio}}, link {kind, bytes_per_s,
     latency_s, method}, validation [{batch, context, prefill_tokens, prefill_context, seconds,
     predicted_s, error}], elapsed_s, partial (true when --budget-s cut the measurements short)
@@ -47,7 +47,7 @@ FULL = dict(batch=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),     
             pcontext=(0, 1024, 4096),
             multi=((4, 512), (8, 256), (16, 128), (4, 2048)), codec_tokens=(256, 1024, 4096),
             mixed=((32, 1024, 512, 0), (64, 2048, 1024, 0), (16, 512, 2048, 2048), (128, 1024, 256, 0)),
-            mixed_batch=(1, 8, 32, 128, 256))
+            mixed_batch=(1, 4, 8, 16, 32, 64, 128, 256), mixed_tokens=(64, 512))
 QUICK = dict(batch=(1, 8, 64), context=(128, 1024), tokens=(64, 512, 2048), pcontext=(0, 1024),
              multi=((4, 128),), codec_tokens=(256,), mixed=((8, 512, 256, 0),), mixed_batch=(1, 8))
 
@@ -99,9 +99,7 @@ def main(args) -> int:
     t_start = time.perf_counter()
     hf, name = _resolve_config(args)
     grid = QUICK if args.quick else FULL
-    d = tempfile.mkdtemp(prefix="disagg_profile_")
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(hf, f)
+    d = write_model_dir(hf)                 # the engine's host work is measured too: it wants a tokenizer
     dev = torch.device(args.device if (args.device != "cuda" or torch.cuda.is_available()) else "cpu")
     dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     mc = ModelConfig.from_hf_dict(hf, name=name)
@@ -170,35 +168,37 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
                                 if row[0] is not None) + " ms")
     prof["multi"] = [{"prompts": k, "tokens": n, "seconds": m.step([(n, 0)] * k)}
                      for k, n in grid["multi"] if k * n <= 16384 and not timed_out()]
-    prof["host"] = host_overhead()
+    prof["host"] = host_overhead(runner if runner.device.type == "cuda" else None)
     prof["codecs"] = m.codecs(grid["codec_tokens"])
     prof["link"] = m.link(link_peer, gpu_name)
     # per-prompt overhead and validation need the tables: fit through a ProfileModel
     from disagg.sim.perf_model import ProfileModel
     pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
     extra = [(x["seconds"] - pm.prefill_chunks_time([(x["tokens"], 0)] * x["prompts"])
-              + pm.sched_s + pm.sched_seq_s * x["prompts"]) / (x["prompts"] - 1) for x in prof["multi"]]
+              + pm.host_s(0, [(x["tokens"], 0)] * x["prompts"])) / (x["prompts"] - 1) for x in prof["multi"]]
     prof["per_prompt_s"] = max(0.0, statistics.median(extra)) if extra else 0.0
     pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
     # decodes riding along a prefill chunk: their attention runs eagerly between the graph pieces
     # (a kernel launch per layer that a decode-only graph does not pay); what the tables miss
     ex = []
-    for b in grid.get("mixed_batch", ()):
-        if timed_out() or b * 8 + 4 > runner.num_blocks:
-            continue
-        t = m.step([(1, 127)] * b + [(64, 0)])
-        pred = pm.prefill_chunks_time([(64, 0)], b, b * 128) - pm.sched_s - pm.sched_seq_s * (b + 1)
-        ex.append((b, max(0.0, t - pred)))
-    prof["mixed_decode"] = {"batch": [b for b, _ in ex], "extra_s": [x for _, x in ex]}
+    for n in grid.get("mixed_tokens", (64,)):
+        for b in grid.get("mixed_batch", ()):
+            if timed_out() or b * 8 + n // runner.block_size + 4 > runner.num_blocks:
+                continue
+            t = m.step([(1, 127)] * b + [(n, 0)])
+            pred = pm.prefill_chunks_time([(n, 0)], b, b * 128) - pm.host_s(b, [(n, 0)])
+            ex.append((b, n, max(0.0, t - pred)))
+    prof["mixed_decode"] = {"batch": [b for b, _, _ in ex], "prefill_tokens": [n for _, n, _ in ex],
+                            "extra_s": [x for _, _, x in ex]}
     if ex:
-        log("decodes in a mixed step, extra: " + ", ".join(f"B={b}: {x * 1e3:.2f}" for b, x in ex) + " ms")
+        log("decodes in a mixed step, extra: " + ", ".join(f"B={b}+{n}: {x * 1e3:.2f}" for b, n, x in ex) + " ms")
     pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
     val = []
     for b, c, n, pc in grid["mixed"]:
         if timed_out() or b * -(-c // runner.block_size) + -(-(n + pc) // runner.block_size) > runner.num_blocks:
             continue
         t = m.step([(1, c - 1)] * b + [(n, pc)])
-        pred = pm.prefill_chunks_time([(n, pc)], b, b * c) - pm.sched_s - pm.sched_seq_s * (b + 1)
+        pred = pm.prefill_chunks_time([(n, pc)], b, b * c) - pm.host_s(b, [(n, pc)])
         val.append({"batch": b, "context": c, "prefill_tokens": n, "prefill_context": pc, "seconds": t,
                     "predicted_s": pred, "error": pred / t - 1})
         log(f"mixed B={b} c={c} + {n} after {pc}: {t * 1e3:.2f} ms, model {pred * 1e3:.2f} ms ({pred / t - 1:+.1%})")
@@ -325,29 +325,111 @@ class _Measure:
                 "method": "datasheet (disagg/sim/gpus.py; NCCL p2p fit on two H200s)"}
 
 
-def host_overhead(batches=(1, 32, 128, 256), steps: int = 100) -> dict:
-    """Scheduler.schedule + update + one RequestOutput per request, as LLMEngine.step runs them
-    (decodes over 1000-token contexts): a least-squares line in the batch size."""
-    from decode.block_manager import BlockManager
-    from decode.scheduler import Scheduler
-    from disagg.config import SchedulerConfig
-    from disagg.request import Request, RequestOutput, SamplingParams
-    pts = []
+def write_model_dir(hf: dict) -> str:
+    """A checkpoint directory without weights: config.json and a word-level tokenizer over the
+    vocabulary (LLMEngine wants one; these runs feed token ids). For load_format="dummy"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    d = tempfile.mkdtemp(prefix="disagg_model_")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(hf, f)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, hf["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+    return d
+
+
+class _NoGPURunner:
+    """A runner that computes nothing: each sampled request gets token 5 at once. With it,
+    LLMEngine.step's time is the engine's host work alone (scheduling, block and prefix-cache
+    bookkeeping, updates, outputs)."""
+
+    def __init__(self, cfg, model_cfg, max_model_len, progress=False):
+        self.num_blocks = cfg.cache.num_blocks
+        self.block_size = cfg.cache.block_size
+
+    def execute(self, out):
+        from disagg.engine.model_runner import StepResult
+        return StepResult({s.request.request_id: 5 for s in out.scheduled
+                           if s.is_decode or s.start + s.num_tokens >= s.request.num_prompt_tokens}, {})
+
+
+TINY_HF = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=64,
+               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=16384,
+               tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+
+
+def host_overhead(runner=None, batches=(1, 32, 128, 256), prompts=(256, 1536), steps: int = 30) -> dict:
+    """The engine's host work per step, outside runner.execute: a real LLMEngine (scheduler, block
+    manager with prefix caching, updates, outputs) driving `runner` (the GPU runner being profiled:
+    its Python runs between the host work, as in serving, so caches are as cold as there), or on
+    CPU a runner that computes nothing. Decode-only steps of B requests (1,000-token contexts): a
+    least-squares line in B (sched_s + sched_seq_s B). Steps that also start a prompt of n tokens
+    (a new request each step): what they cost on top, a line in n (chunk_s + chunk_token_s n)."""
+    from dataclasses import replace
+
+    from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
+    from disagg.engine.llm_engine import LLMEngine
+    from disagg.request import SamplingParams
+    top = max(batches)
+    if runner is None:
+        blocks = (top + 4) * 70 + 4 * max(prompts) // 16 + 64
+        cfg = EngineConfig(write_model_dir(TINY_HF), dtype="float32", device="cpu", load_format="dummy",
+                           cache=CacheConfig(block_size=16, num_blocks=blocks),
+                           scheduler=SchedulerConfig(max_num_seqs=top + 4, max_num_batched_tokens=2048,
+                                                     max_model_len=16384))
+        make = _NoGPURunner
+    else:
+        cfg = replace(runner.cfg, scheduler=replace(runner.cfg.scheduler, max_num_seqs=top + 4,
+                                                    max_num_batched_tokens=2048))
+        def make(*a, **k):
+            return runner
+    long = SamplingParams(max_tokens=10 ** 6, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    ids = iter(range(10 ** 9))
+    dec, mixed = [], []
     for b in batches:
-        bm = BlockManager(b * 80 + 64, 16)
-        s = Scheduler(SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192), bm, 100000,
-                      clock=lambda: 0.0)
-        for i in range(b):
-            s.add(Request(f"r{i}", [1] * 1000, SamplingParams(max_tokens=10**6, ignore_eos=True), arrival_time=0.0))
-        out = s.schedule()
-        s.update(out, {x.request.request_id: 1 for x in out.scheduled})
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = s.schedule()
-            s.update(out, {x.request.request_id: 1 for x in out.scheduled})
-            [RequestOutput(x.request.request_id, [1], None, 1000, x.request.num_output_tokens) for x in out.scheduled]
-        pts.append((b, (time.perf_counter() - t0) / steps))
-    n = len(pts)
-    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-    slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
-    return {"sched_s": max(my - slope * mx, 0.0), "sched_seq_s": max(slope, 0.0), "points": pts}
+        eng = LLMEngine(cfg, detokenize=False, make_runner=make)
+        execute, inside = eng.runner.execute, [0.0]
+
+        def timed_execute(out, execute=execute, inside=inside):
+            t0 = time.perf_counter()
+            r = execute(out)
+            inside[0] = time.perf_counter() - t0
+            return r
+        eng.runner.execute = timed_execute
+        try:
+            for _ in range(b):
+                eng.add_request([3 + next(ids) % 500 for _ in range(1000)], long)
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.requests.values()):
+                eng.step()
+
+            def timed(add: int | None) -> float:
+                ts = []
+                for _ in range(steps):
+                    if add:
+                        eng.add_request([3 + next(ids) % 500 for _ in range(add)], one)
+                    t0 = time.perf_counter()
+                    eng.step()
+                    ts.append(time.perf_counter() - t0 - inside[0])
+                return statistics.median(ts)
+            dec.append((b, timed(None)))
+            for n in prompts:
+                mixed.append((b, n, timed(n)))       # each step: the b decodes + a new prompt of n
+        finally:
+            if runner is not None:
+                del runner.execute                   # the instance attribute: back to the method
+    def line(pts):
+        n = len(pts)
+        mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+        vx = sum((p[0] - mx) ** 2 for p in pts)
+        slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / vx if vx else 0.0
+        return max(my - slope * mx, 0.0), max(slope, 0.0)
+    a, k = line(dec)
+    c0, ct = line([(n, t - (a + k * (b + 1))) for b, n, t in mixed])
+    return {"sched_s": a, "sched_seq_s": k, "chunk_s": c0, "chunk_token_s": ct,
+            "method": "LLMEngine.step minus runner.execute" + (" (no GPU work)" if runner is None else ""),
+            "points": dec, "mixed_points": mixed}

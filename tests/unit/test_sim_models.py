@@ -96,6 +96,18 @@ def test_profile_model_mixed_decode_extra():
     assert mx.prefill_chunks_time([(55, 0)], 4, 400) == pytest.approx(base.prefill_chunks_time([(55, 0)], 4, 400) + 0.5)
 
 
+def test_profile_model_mixed_extra_is_robust_to_one_jittered_point():
+    """Extras on a line 3 + 0.01 B, but B=1 measured 12 (one jittered run): the fitted line is the
+    line through the other four, where a least-squares fit would bend to the outlier."""
+    xs = [1, 8, 32, 128, 256]
+    ys = [12.0] + [3.0 + 0.01 * b for b in xs[1:]]
+    m = ProfileModel(fake_profile(mixed_decode={"batch": xs, "extra_s": ys}))
+    assert m._mixed_extra(64) == pytest.approx(3.64)
+    assert m._mixed_extra(1) == pytest.approx(3.01)
+    down = ProfileModel(fake_profile(mixed_decode={"batch": [1, 8, 64], "extra_s": [5.0, 4.0, 3.0]}))
+    assert down._mixed_extra(100) == pytest.approx(4.0)            # never cheaper with more decodes
+
+
 def test_profile_model_pads_prefill_steps_to_the_piecewise_bucket():
     """A step of n tokens runs its GEMMs padded to the next captured bucket, its attention on n:
     prefill(n, c) + prefill(bucket, 0) - prefill(n, 0). Past the last bucket (eager) no padding."""
