@@ -166,7 +166,8 @@ def step_errors(real: dict, pm) -> dict:
     import numpy as np
     out = {}
     for kind, pick in (("decode", lambda c: not c), ("mixed", lambda c: bool(c))):
-        r = [pm.step_time(b, k, c) / s for (b, k, c), s in zip(real["shapes"], real["step_s"]) if pick(c)]
+        r = [pm.step_time(b, k, c, m) / s for (b, k, c), s, m in zip(real["shapes"], real["step_s"],
+                                                                     real["max_context"]) if pick(c)]
         if r:
             out[kind] = {"steps": len(r), "median_ratio": float(np.median(r)), "p10_ratio": float(np.percentile(r, 10)),
                          "p90_ratio": float(np.percentile(r, 90)),
@@ -177,7 +178,7 @@ def step_errors(real: dict, pm) -> dict:
 
 def step_shape(out):
     from disagg.sim.workers import step_shape as shape
-    return shape(out)
+    return shape(out)[:3]
 
 
 def per_request(real: dict) -> dict:

@@ -48,7 +48,8 @@ def main() -> None:
         sim = Simulator(tr, scfg, pm)
         sim.step_log = []
         sim.run()
-        eng = [x[:5] for x in p["steps"]]                       # [decodes, KV tokens, chunks, s, execute s]
+        # [decodes, KV tokens, chunks, s, execute s, longest decode context (0: not recorded)]
+        eng = [x[:5] + [x[6] if len(x) > 6 else 0] for x in p["steps"]]
         e_mixed = [s for s in eng if s[2]]
         s_mixed = [s for s in sim.step_log if any(n > 1 for _, n in s[2])]
         print(f"rate {p['rate'] or 'as recorded'}: engine {len(eng)} steps ({len(e_mixed)} with prefill chunks), "
@@ -59,9 +60,9 @@ def main() -> None:
               f"simulated {mean([sum(1 for _, n in s[2] if n > 1) for s in s_mixed])}")
         print(f"  decodes per step: engine {mean([s[0] for s in eng])}, "
               f"simulated {mean([sum(1 for _, n in s[2] if n == 1) for s in sim.step_log])}")
-        dec = [pm.step_time(b, k, c) / s for b, k, c, s, _ in eng if not c]
-        mix = [pm.step_time(b, k, c) / s for b, k, c, s, _ in eng if c]
-        busy = sum(pm.step_time(b, k, c) for b, k, c, _, _ in eng)
+        dec = [pm.step_time(b, k, c, m) / s for b, k, c, s, _, m in eng if not c]
+        mix = [pm.step_time(b, k, c, m) / s for b, k, c, s, _, m in eng if c]
+        busy = sum(pm.step_time(b, k, c, m) for b, k, c, _, _, m in eng)
         print(f"  step model / measured on the engine's shapes: decode x{statistics.median(dec):.3f}, mixed "
               f"x{statistics.median(mix):.3f} (medians); busy {busy:.1f} s modelled against "
               f"{sum(s[3] for s in eng):.1f} s measured")

@@ -2,13 +2,19 @@
 
 The simulator asks a PerfModel for the duration of each step its (real) schedulers make:
 
-    step_time(B, K, chunks)   B decoding requests reading K KV tokens in total, plus prefill
-                              chunks [(n, c)]: n new tokens after c cached ones
-        decode-only (no chunks):   decode(B, K)                    a CUDA-graph replay
+    step_time(B, K, chunks, M)   B decoding requests reading K KV tokens in total, the longest
+                              M of them, plus prefill chunks [(n, c)]: n new tokens after c cached
+        decode-only (no chunks):   decode(B, K) + straggler(B, M, K / B)   a CUDA-graph replay
         with chunks (piecewise):   prefill(N, C_eff) + prefill(P, 0) - prefill(N, 0)
                                    + per_prompt * (chunks - 1)
                                    + decode(B, K) - decode(B, B * c0)   the decodes' KV reads
                                    + mixed_extra(B)                     their eager attention
+                                   + straggler(B, M, K / B)
+           straggler: the decode kernel gives every request of a batch the same number of
+           programs (split-K), so one long context among short ones makes its programs the
+           step's tail; the tables are measured at equal contexts. A profile measures the step
+           with one request at M and the rest at 1,024 tokens against the equal-context table
+           at the same K (`decode_straggler`); the model takes straggler(B, M) - straggler(B, K / B).
            N = sum n + B (every token goes through the GEMMs), C_eff the context that gives one
            prompt of N tokens the chunks' attention work A = sum(n c + n (n + 1) / 2) (negative
            for several short prompts), c0 the smallest measured decode context, P the piecewise
@@ -161,11 +167,12 @@ class PerfModel:
             line = self._lines[b] = self._decode_line(b)
         return _lerp(line[0], line[1], k, clamp_low=False)
 
-    def decode_time(self, b: int, k: float) -> float:
-        """A decode-only step (CUDA graph) of b requests reading k KV tokens, host included."""
-        return self._tp(self._decode(b, k), b, b) + self.host_s(b, [])
+    def decode_time(self, b: int, k: float, maxc: int = 0) -> float:
+        """A decode-only step (CUDA graph) of b requests reading k KV tokens (the longest maxc,
+        0: unknown, taken as equal contexts), host included."""
+        return self._tp(self._decode(b, k) + self._straggler(b, k, maxc), b, b) + self.host_s(b, [])
 
-    def prefill_chunks_time(self, chunks: list[tuple[int, int]], b: int = 0, k: float = 0.0) -> float:
+    def prefill_chunks_time(self, chunks: list[tuple[int, int]], b: int = 0, k: float = 0.0, maxc: int = 0) -> float:
         """An eager step: prefill chunks [(n, c)] and b decodes reading k KV tokens."""
         n = sum(x for x, _ in chunks) + b
         a = sum(attn_pairs(x, c) for x, c in chunks)
@@ -175,7 +182,8 @@ class PerfModel:
         if p > n:                                       # padding rows: GEMMs of p rows, attention of n
             t += self._prefill(p, 0.0) - self._prefill(n, 0.0)
         if b:
-            t += max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
+            t += (max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
+                  + self._straggler(b, k, maxc))
         return self._tp(t, n, len(chunks) + b) + self.host_s(b, chunks)
 
     def host_s(self, b: int, chunks: list[tuple[int, int]]) -> float:
@@ -191,8 +199,12 @@ class PerfModel:
         """The token count a step of n tokens runs at (piecewise CUDA-graph padding)."""
         return n
 
-    def step_time(self, b: int, k: float, chunks: list[tuple[int, int]]) -> float:
-        return self.prefill_chunks_time(chunks, b, k) if chunks else self.decode_time(b, k)
+    def step_time(self, b: int, k: float, chunks: list[tuple[int, int]], maxc: int = 0) -> float:
+        return self.prefill_chunks_time(chunks, b, k, maxc) if chunks else self.decode_time(b, k, maxc)
+
+    def _straggler(self, b: int, k: float, maxc: int) -> float:
+        """What the longest context costs a batch of b (k KV tokens) beyond equal contexts."""
+        return 0.0
 
     def num_kv_blocks(self, block_size: int, gpu_memory_utilization: float = 0.9) -> int:
         """KV blocks of one worker (tp GPUs): each GPU holds 1/tp of the weights and of the KV."""
@@ -312,6 +324,11 @@ class ProfileModel(PerfModel):
         md = prof.get("mixed_decode") or {}
         self.mx_b, self.mx_s = [float(b) for b in md.get("batch", [])], [float(x) for x in md.get("extra_s", [])]
         self._mx_line: tuple[float, float] | None = None
+        st = prof.get("decode_straggler") or {}
+        self.st_b = [float(x) for x in st.get("batch", [])]
+        self.st_m = [float(x) for x in st.get("max_context", [])]
+        self.st_rows = [[max(0.0, float(x)) for x in row] for row in st.get("extra_s", [])]
+        self.st_base = float(st.get("base_context", 0.0))
         h = prof.get("host", {})
         self.sched_s = float(h.get("sched_s", PerfModel.sched_s))
         self.sched_seq_s = float(h.get("sched_seq_s", PerfModel.sched_seq_s))
@@ -367,6 +384,21 @@ class ProfileModel(PerfModel):
         batches of several prompts, whose attention is less than one prompt of n tokens has."""
         ys = [_lerp(self.p_n, col, n) for col in self.p_cols]
         return max(_lerp(self.p_c, ys, c, clamp_low=False), 0.5 * ys[0])
+
+    def _straggler(self, b: int, k: float, maxc: int) -> float:
+        """The measured table over (batch, longest context) against a 1,024-token rest, bilinear,
+        flat past its batches; relative to the batch's mean context (an equal-context batch
+        pays nothing beyond the tables)."""
+        if not self.st_rows or b < 2 or maxc <= 0:
+            return 0.0
+        xs = [self.st_base] + self.st_m
+
+        def at(m: float) -> float:
+            if m <= self.st_base:
+                return 0.0
+            ys = [_lerp(self.st_b, [row[j] for row in self.st_rows], b) for j in range(len(self.st_m))]
+            return _lerp(xs, [0.0] + ys, min(m, xs[-1]))
+        return max(0.0, at(maxc) - at(k / b))
 
     def _bucket(self, n: int) -> int:
         g = self.p_buckets

@@ -10,11 +10,13 @@ of the tokens; the GPU synchronized before and after; median of several runs):
 
     decode       batch B x context c (c - 1 cached tokens, one new token each): CUDA graphs,
                  B at every captured graph size (a batch runs padded up to the next one)
+    straggler    decode steps with one long context among 1,024-token ones, against equal contexts
     prefill      one prompt chunk of n tokens after c cached ones (eager, as every prefill runs)
     multi        k prompts of n tokens in one step -> per_prompt_s (extra cost per prompt)
     mixed        decodes + a prefill chunk in one step: measured against the model's prediction
                  (PerfModel.prefill_chunks_time), reported as `validation`, not used by it
-    host         Scheduler.schedule + update (+ one RequestOutput each) against the batch size
+    host         LLMEngine.step minus runner.execute (scheduling, blocks, prefix hashes, updates,
+                 outputs) against the batch size and a new prompt's length, around this runner
     codecs       per layer: gather + encode (prefill side), decode + checksum + scatter (decode side),
                  all of the model's layers back to back, one synchronisation (as a prompt streams)
     link         --link-peer cuda:1: copies to the peer GPU (latency + bytes / bandwidth);
@@ -24,6 +26,8 @@ Profile JSON (format disagg-perf-profile-v1), seconds throughout:
     gpu, gpu_memory_bytes, torch, dtype, model {name, config (HF dict)},
     kv_cache {num_blocks, block_size, gpu_memory_utilization, max_num_batched_tokens},
     decode {batch [B], context [c], seconds [B][c] (null: did not fit the KV cache), graph_sizes},
+    decode_straggler {batch [B], max_context [M], base_context, extra_s [B][M]}: a decode step of
+             B - 1 requests at the base context and one at M, minus the same KV tokens equally shared,
     prefill {tokens [n], context [c], seconds [n][c] (null: past max_model_len), buckets [P]
              (the piecewise graphs' token buckets: a step of n tokens runs padded to the next one)},
     multi [{prompts, tokens, seconds}], per_prompt_s, host {sched_s, sched_seq_s, chunk_s, chunk_token_s},
@@ -47,9 +51,11 @@ FULL = dict(batch=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),     
             pcontext=(0, 1024, 4096),
             multi=((4, 512), (8, 256), (16, 128), (4, 2048)), codec_tokens=(256, 1024, 4096),
             mixed=((32, 1024, 512, 0), (64, 2048, 1024, 0), (16, 512, 2048, 2048), (128, 1024, 256, 0)),
-            mixed_batch=(1, 4, 8, 16, 32, 64, 128, 256), mixed_tokens=(64, 512))
+            mixed_batch=(1, 4, 8, 16, 32, 64, 128, 256), mixed_tokens=(64, 512),
+            straggler_batch=(16, 48, 96, 160), straggler_context=(2048, 4096, 8192), straggler_base=1024)
 QUICK = dict(batch=(1, 8, 64), context=(128, 1024), tokens=(64, 512, 2048), pcontext=(0, 1024),
-             multi=((4, 128),), codec_tokens=(256,), mixed=((8, 512, 256, 0),), mixed_batch=(1, 8))
+             multi=((4, 128),), codec_tokens=(256,), mixed=((8, 512, 256, 0),), mixed_batch=(1, 8),
+             straggler_batch=(8,), straggler_context=(512,), straggler_base=128)
 
 
 def log(msg: str) -> None:
@@ -157,6 +163,24 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
         log(f"decode B={b}: " + " ".join("-" if x is None else f"{x * 1e3:.2f}" for x in row) + " ms")
     prof["decode"] = {"batch": [b for b, _ in rows], "context": list(grid["context"]),
                       "seconds": [r for _, r in rows], "graph_sizes": sorted(runner.graphs)}
+    # one long context among short ones (b - 1 at the base): against equal contexts, same KV tokens
+    base, st = grid.get("straggler_base", 1024), []
+    for b in grid.get("straggler_batch", ()):
+        row = []
+        for L in grid["straggler_context"]:
+            k = (b - 1) * base + L
+            if timed_out() or L > max_len or b * -(-L // runner.block_size) > runner.num_blocks:
+                row.append(None)
+                continue
+            t = m.step([(1, base - 1)] * (b - 1) + [(1, L - 1)])
+            t_eq = m.step([(1, k // b - 1)] * b)
+            row.append(None if t is None or t_eq is None else t - t_eq)
+        if any(x is not None for x in row):
+            st.append((b, _fill_missing(row)))
+        log(f"decode B={b}, one at " + ", ".join(f"{L}: {'-' if x is None else f'{x * 1e3:+.2f}'}"
+                                                  for L, x in zip(grid["straggler_context"], row)) + " ms")
+    prof["decode_straggler"] = {"batch": [b for b, _ in st], "max_context": list(grid.get("straggler_context", ())),
+                                "base_context": base, "extra_s": [r for _, r in st]}
     # prefill: a row per chunk length, a column per cached context
     tokens = [n for n in grid["tokens"] if n < max_len]
     pw = getattr(runner, "piecewise", None)
@@ -205,6 +229,12 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
     prof["validation"] = val
     prof["elapsed_s"] = time.perf_counter() - t_start
     return prof
+
+
+def _fill_missing(row: list) -> list[float]:
+    """A table row with gaps (points that did not fit): interpolated from its measured points."""
+    from disagg.sim.perf_model import ProfileModel
+    return ProfileModel._fill_row(list(range(len(row))), row)
 
 
 def _gpu_for_model(name: str) -> str:

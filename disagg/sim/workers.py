@@ -58,18 +58,19 @@ class SimScheduler(Scheduler):
         return known if len(known) == num_blocks else known[:num_blocks]
 
 
-def step_shape(out: SchedulerOutput) -> tuple[int, int, list[tuple[int, int]]]:
+def step_shape(out: SchedulerOutput) -> tuple[int, int, list[tuple[int, int]], int]:
     """What a step costs depends on: (decoding requests, KV tokens they read, prefill chunks
-    [(new tokens, cached tokens)])."""
-    b = k = 0
+    [(new tokens, cached tokens)], the longest decode context)."""
+    b = k = m = 0
     chunks = []
     for s in out.scheduled:
         if s.is_decode:
             b += 1
             k += s.start + 1
+            m = max(m, s.start + 1)
         else:
             chunks.append((s.num_tokens, s.start))
-    return b, k, chunks
+    return b, k, chunks, m
 
 
 @dataclass
@@ -278,14 +279,15 @@ class SimWorker:
         # it may go to): plan up to the step in progress then.
         horizon = self.sim.next_arrival
         k0 = sum(c0) + b
+        m0 = max(c0) + 1
         dt = self.perf.decode_time
-        d = dt(b, k0) + self.charge
+        d = dt(b, k0, m0) + self.charge
         t = now + d
         durs, ends = [d], [t]
         for j in range(1, m):
             if t >= horizon:
                 break
-            d = dt(b, k0 + j * b)
+            d = dt(b, k0 + j * b, m0 + j)
             t += d
             durs.append(d)
             ends.append(t)

@@ -41,10 +41,10 @@ class FakeModel(PerfModel):
         self.blocks = blocks
         self.link = LinkSpec("fake", 1e15, 0.002)
 
-    def decode_time(self, b, k):
+    def decode_time(self, b, k, maxc=0):
         return 0.010
 
-    def prefill_chunks_time(self, chunks, b=0, k=0.0):
+    def prefill_chunks_time(self, chunks, b=0, k=0.0, maxc=0):
         return 0.010 + 0.001 * sum(n for n, _ in chunks)
 
     def num_kv_blocks(self, block_size, gpu_memory_utilization=0.9):

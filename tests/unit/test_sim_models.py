@@ -108,6 +108,22 @@ def test_profile_model_mixed_extra_is_robust_to_one_jittered_point():
     assert down._mixed_extra(100) == pytest.approx(4.0)            # never cheaper with more decodes
 
 
+def test_profile_model_straggler_term():
+    """One long context among short ones costs the measured extra over equal contexts; equal
+    contexts (longest = mean) and unknown longest (0) cost nothing more; interpolated between
+    the measured lengths from 0 at the base context, relative to the batch's mean context."""
+    st = {"batch": [16, 64], "max_context": [2048, 4096], "base_context": 1024,
+          "extra_s": [[0.2, 0.6], [0.4, 1.0]]}
+    base, m = ProfileModel(fake_profile()), ProfileModel(fake_profile(decode_straggler=st))
+    k = 16 * 500
+    assert m.decode_time(16, k) == base.decode_time(16, k) == m.decode_time(16, k, 500)
+    assert m.decode_time(16, k, 4096) == pytest.approx(base.decode_time(16, k) + 0.6)
+    assert m.decode_time(16, k, 3072) == pytest.approx(base.decode_time(16, k) + 0.4)
+    assert m.decode_time(40, 40 * 500, 2048) == pytest.approx(base.decode_time(40, 40 * 500) + 0.3)
+    assert m.decode_time(16, 16 * 1536, 4096) == pytest.approx(base.decode_time(16, 16 * 1536) + 0.6 - 0.1)
+    assert m.step_time(16, k, [(55, 0)], 4096) == pytest.approx(base.step_time(16, k, [(55, 0)]) + 0.6)
+
+
 def test_profile_model_pads_prefill_steps_to_the_piecewise_bucket():
     """A step of n tokens runs its GEMMs padded to the next captured bucket, its attention on n:
     prefill(n, c) + prefill(bucket, 0) - prefill(n, 0). Past the last bucket (eager) no padding."""
@@ -139,13 +155,16 @@ def test_profile_measures_on_cpu(tmp_path):
     torch.set_num_threads(1)
     try:
         grid = dict(batch=(1, 4), context=(32, 128), tokens=(16, 64), pcontext=(0, 64), multi=((2, 16),),
-                    codec_tokens=(32,), mixed=((2, 32, 16, 0),), mixed_batch=(1, 2))
+                    codec_tokens=(32,), mixed=((2, 32, 16, 0),), mixed_batch=(1, 2),
+                    straggler_batch=(4,), straggler_context=(128,), straggler_base=32)
         prof = profile.measure(ModelRunner(cfg, mc, 512), hf, "tiny", "cpu", grid)
     finally:
         torch.set_num_threads(threads)
     assert prof["decode"]["batch"] == [1, 4] and all(x > 0 for row in prof["decode"]["seconds"] for x in row)
     assert len(prof["prefill"]["seconds"]) == 2 and prof["validation"][0]["seconds"] > 0
     assert prof["mixed_decode"]["batch"] == [1, 2] and all(x >= 0 for x in prof["mixed_decode"]["extra_s"])
+    assert prof["decode_straggler"]["batch"] == [4] and len(prof["decode_straggler"]["extra_s"][0]) == 1
+    assert set(prof["host"]) >= {"sched_s", "sched_seq_s", "chunk_s", "chunk_token_s"}
     assert set(prof["codecs"]) == {"none", "fp8", "int8", "int4"} and prof["codecs"]["int4"]["ratio"] > 3
     m = ProfileModel({**json.loads(json.dumps(prof)), "gpu": "h100"})
     assert m.decode_time(2, 100) > 0 and m.num_kv_blocks(16) > 0
