@@ -182,7 +182,7 @@ class PerfModel:
         if p > n:                                       # padding rows: GEMMs of p rows, attention of n
             t += self._prefill(p, 0.0) - self._prefill(n, 0.0)
         if b:
-            t += (max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b)
+            t += (max(0.0, self._decode(b, k) - self._decode(b, b * self._c0)) + self._mixed_extra(b, n - b)
                   + self._straggler(b, k, maxc))
         return self._tp(t, n, len(chunks) + b) + self.host_s(b, chunks)
 
@@ -191,8 +191,9 @@ class PerfModel:
         return (self.sched_s + self.sched_seq_s * (len(chunks) + b) + self.chunk_s * len(chunks)
                 + self.chunk_token_s * sum(n for n, _ in chunks))
 
-    def _mixed_extra(self, b: int) -> float:
-        """What b decodes cost on top of the tables when they share a step with a prefill chunk."""
+    def _mixed_extra(self, b: int, tokens: int = 0) -> float:
+        """What b decodes cost on top of the tables when they share a step with prefill chunks
+        of `tokens` prompt tokens in all."""
         return 0.0
 
     def _bucket(self, n: int) -> int:
@@ -322,8 +323,11 @@ class ProfileModel(PerfModel):
         self.p_buckets = sorted(int(x) for x in p.get("buckets") or [])
         self.per_prompt_s = float(prof.get("per_prompt_s", 0.0))
         md = prof.get("mixed_decode") or {}
-        self.mx_b, self.mx_s = [float(b) for b in md.get("batch", [])], [float(x) for x in md.get("extra_s", [])]
-        self._mx_line: tuple[float, float] | None = None
+        groups: dict[float, list[tuple[float, float]]] = {}     # chunk tokens -> [(batch, extra)]
+        for i, (b, x) in enumerate(zip(md.get("batch", []), md.get("extra_s", []))):
+            n = float((md.get("prefill_tokens") or [64] * (i + 1))[i])
+            groups.setdefault(n, []).append((float(b), float(x)))
+        self.mx_lines = [(n, self._robust_line(pts)) for n, pts in sorted(groups.items())]
         st = prof.get("decode_straggler") or {}
         self.st_b = [float(x) for x in st.get("batch", [])]
         self.st_m = [float(x) for x in st.get("max_context", [])]
@@ -404,21 +408,26 @@ class ProfileModel(PerfModel):
         g = self.p_buckets
         return g[bisect.bisect_left(g, n)] if g and n <= g[-1] else n
 
-    def _mixed_extra(self, b: int) -> float:
-        """A line through the measured extras (a launch cost per step plus a little per decode),
-        fitted robustly: single measurements jitter by milliseconds on some hosts (one point 2-3x
-        the others), so the slope is the median of the pairwise slopes (Theil-Sen, never negative:
-        a decode does not make a step cheaper) and the intercept the median residual."""
-        xs, ys = self.mx_b, self.mx_s
-        if not xs:
+    @staticmethod
+    def _robust_line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+        """(intercept, slope) through the points, robustly: single measurements jitter by
+        milliseconds on some hosts (one point 2-3x the others), so the slope is the median of the
+        pairwise slopes (Theil-Sen, never negative: a decode does not make a step cheaper) and the
+        intercept the median residual."""
+        slopes = sorted((y1 - y0) / (x1 - x0) for i, (x0, y0) in enumerate(pts) for x1, y1 in pts[i + 1:]
+                        if x1 != x0)
+        slope = max(0.0, statistics.median(slopes)) if slopes else 0.0
+        return statistics.median(y - slope * x for x, y in pts), slope
+
+    def _mixed_extra(self, b: int, tokens: int = 0) -> float:
+        """The measured extras, a line in the batch per measured chunk length (a launch cost per
+        step plus a little per decode, which a long chunk's GPU work partly hides), linear between
+        the chunk lengths and flat past them; never negative."""
+        lines = self.mx_lines
+        if not lines:
             return 0.0
-        if self._mx_line is None:
-            slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs))
-                            for j in range(i + 1, len(xs)) if xs[j] != xs[i])
-            slope = max(0.0, statistics.median(slopes)) if slopes else 0.0
-            self._mx_line = (statistics.median(y - slope * x for x, y in zip(xs, ys)), slope)
-        a, k = self._mx_line
-        return max(0.0, a + k * b)
+        ys = [a + k * b for _, (a, k) in lines]
+        return max(0.0, _lerp([n for n, _ in lines], ys, min(max(tokens, lines[0][0]), lines[-1][0])))
 
     def _kv_cache_bytes_tp1(self, util: float) -> float:
         kv = self.prof["kv_cache"]

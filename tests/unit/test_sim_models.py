@@ -108,6 +108,18 @@ def test_profile_model_mixed_extra_is_robust_to_one_jittered_point():
     assert down._mixed_extra(100) == pytest.approx(4.0)            # never cheaper with more decodes
 
 
+def test_profile_model_mixed_extra_depends_on_the_chunk_length():
+    """A line in the batch per measured chunk length, linear between lengths, flat past them."""
+    md = {"batch": [1, 64, 1, 64], "prefill_tokens": [64, 64, 1024, 1024], "extra_s": [4.0, 4.0, 1.0, 3.0]}
+    m = ProfileModel(fake_profile(mixed_decode=md))
+    assert m._mixed_extra(64, 64) == pytest.approx(4.0) and m._mixed_extra(64, 1024) == pytest.approx(3.0)
+    assert m._mixed_extra(64, 544) == pytest.approx(3.5)
+    assert m._mixed_extra(1, 4000) == pytest.approx(1.0) and m._mixed_extra(1, 10) == pytest.approx(4.0)
+    base = ProfileModel(fake_profile())
+    assert m.prefill_chunks_time([(1024, 0)], 64, 6400) == pytest.approx(
+        base.prefill_chunks_time([(1024, 0)], 64, 6400) + 3.0)
+
+
 def test_profile_model_straggler_term():
     """One long context among short ones costs the measured extra over equal contexts; equal
     contexts (longest = mean) and unknown longest (0) cost nothing more; interpolated between
@@ -156,7 +168,7 @@ def test_profile_measures_on_cpu(tmp_path):
     try:
         grid = dict(batch=(1, 4), context=(32, 128), tokens=(16, 64), pcontext=(0, 64), multi=((2, 16),),
                     codec_tokens=(32,), mixed=((2, 32, 16, 0),), mixed_batch=(1, 2),
-                    straggler_batch=(4,), straggler_context=(128,), straggler_base=32)
+                    straggler_batch=(4,), straggler_context=(128,), straggler_base=32, host_s=1.0)
         prof = profile.measure(ModelRunner(cfg, mc, 512), hf, "tiny", "cpu", grid)
     finally:
         torch.set_num_threads(threads)
