@@ -149,7 +149,7 @@ def test_profile_model_pads_prefill_steps_to_the_piecewise_bucket():
     assert pad.prefill_chunks_time([(150, 0)]) == flat.prefill_chunks_time([(150, 0)]) == pytest.approx(9.0)
 
 
-def test_profile_measures_on_cpu(tmp_path):
+def test_profile_measures_on_cpu():
     """disagg profile's measurement loop on a tiny model on CPU (times meaningless, shape of the JSON not)."""
     import torch
 
@@ -159,22 +159,24 @@ def test_profile_measures_on_cpu(tmp_path):
     hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256, hidden_size=32,
               intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512)
-    (tmp_path / "config.json").write_text(json.dumps(hf))
     mc = ModelConfig.from_hf_dict(hf, name="tiny")
-    cfg = EngineConfig(str(tmp_path), dtype="float32", device="cpu", load_format="dummy",
+    cfg = EngineConfig(profile.write_model_dir(hf), dtype="float32", device="cpu", load_format="dummy",
                        cache=CacheConfig(num_blocks=256), scheduler=SchedulerConfig(max_model_len=512))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         grid = dict(batch=(1, 4), context=(32, 128), tokens=(16, 64), pcontext=(0, 64), multi=((2, 16),),
                     codec_tokens=(32,), mixed=((2, 32, 16, 0),), mixed_batch=(1, 2),
-                    straggler_batch=(4,), straggler_context=(128,), straggler_base=32, host_s=1.0)
+                    straggler_batch=(4,), straggler_context=(128,), straggler_base=32, host_s=3.0,
+                    host_on_runner=True, served_min=3)
         prof = profile.measure(ModelRunner(cfg, mc, 512), hf, "tiny", "cpu", grid)
     finally:
         torch.set_num_threads(threads)
     assert prof["decode"]["batch"] == [1, 4] and all(x > 0 for row in prof["decode"]["seconds"] for x in row)
     assert len(prof["prefill"]["seconds"]) == 2 and prof["validation"][0]["seconds"] > 0
-    assert prof["mixed_decode"]["batch"] == [1, 2] and all(x >= 0 for x in prof["mixed_decode"]["extra_s"])
+    md = prof["mixed_decode"]         # from the serving run's steps with decodes and prompt chunks
+    assert md["source"] == "serving run" and len(md["batch"]) == len(md["extra_s"]) >= 3
+    assert "_steps" not in prof["host"] and prof["host"]["decode_steps"] > 10
     assert prof["decode_straggler"]["batch"] == [4] and len(prof["decode_straggler"]["extra_s"][0]) == 1
     assert set(prof["host"]) >= {"sched_s", "sched_seq_s", "chunk_s", "chunk_token_s"}
     assert set(prof["codecs"]) == {"none", "fp8", "int8", "int4"} and prof["codecs"]["int4"]["ratio"] > 3
