@@ -38,6 +38,12 @@ class Metrics:
             buckets=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r).labels(model_name)
         self.errors = Counter("disagg:request_errors", "Requests answered with an error, by HTTP status.",
                               L + ["status"], registry=r)
+        self.phase = Histogram("disagg:request_phase_seconds",
+                               "A disaggregated request's way to its second token, by phase (disagg/deploy/hops.py).",
+                               L + ["phase"], buckets=_LAT, registry=r)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.phase.labels(self.model_name, phase).observe(seconds)
 
     def add_transfer_source(self, read: Callable[[], dict]) -> None:
         """KV-transfer totals reported by the workers (disaggregated mode), exported as counters."""

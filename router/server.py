@@ -69,6 +69,8 @@ class Server:
         self.metrics = Metrics(model_name)
         if hasattr(engine, "transfer"):      # disaggregated: workers report KV-transfer totals
             self.metrics.add_transfer_source(lambda: engine.transfer)
+        if hasattr(engine, "hops"):          # disaggregated: where the time to first token goes
+            engine.hops.observe = self.metrics.observe_phase
         if hasattr(engine, "prefix_cache_stats"):   # both engines; not the HTTP tests' fake
             self.metrics.add_prefix_cache_source(engine.prefix_cache_stats)
         self.created = int(time.time())

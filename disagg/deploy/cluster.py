@@ -49,6 +49,7 @@ from disagg.deploy.bringup import choose_cluster_codec
 from disagg.deploy.cluster_config import ClusterConfig
 from disagg.deploy.config_codec import engine_config_to_dict
 from disagg.deploy.dispatch import Dispatcher
+from disagg.deploy.hops import HopTimes
 from disagg.deploy.recovery import Recovery
 from disagg.engine.async_engine import EngineDeadError, EngineStats
 from disagg.engine.detokenizer import IncrementalDetokenizer
@@ -89,6 +90,7 @@ class _Stream:
     buffered: list = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     done: bool = False
+    t: dict = field(default_factory=dict)      # hops.py: this attempt's timestamps (first attempt, remote)
 
     @property
     def num_out(self) -> int:
@@ -111,6 +113,7 @@ class DisaggEngine:
         self._started_ray = False
         self.local_prefills = 0
         self.retries = 0
+        self.hops = HopTimes()
         self.codec_ratio = 1.0
         self.pg = None
         self.actors: dict = {}
@@ -248,6 +251,7 @@ class DisaggEngine:
         predicted = predicted_len if predicted_len is not None else float(params.max_tokens)
         st = _Stream(request_id, list(prompt_ids), params, predicted,
                      IncrementalDetokenizer(self.tok, prompt_ids, params.stop))
+        HopTimes.mark(st.t, "arrive")
         try:
             while True:
                 await self._start_attempt(st)
@@ -283,6 +287,9 @@ class DisaggEngine:
                                                     self._reserve, force_local=bool(st.token_ids),
                                                     prompt_ids=ids, cache_salt=params.cache_salt, keys=keys)
         st.decode_rank = rank
+        if local or st.attempt > 1:
+            st.t.clear()                      # only a first, remote prefill has a handoff to time
+        HopTimes.mark(st.t, "dispatched")
         held = self.dispatcher.dest_cached.pop(st.wire_id, 0)     # prompt tokens d holds: not transferred
         msg = encode(PrefillRequest(st.wire_id, ids, params_to_dict(params), rank, predicted, held))
         try:
@@ -295,6 +302,7 @@ class DisaggEngine:
                 self.dispatcher.bump(st.prefill_rank, tokens=len(ids))
                 self.dispatcher.holds(st.prefill_rank, keys)
                 await self.actors[st.prefill_rank].submit.remote(msg)
+                HopTimes.mark(st.t, "sent")
         except ray.exceptions.RayError as e:
             self._mark_dead(st.prefill_rank if st.prefill_rank is not None else rank, e)
 
@@ -380,6 +388,12 @@ class DisaggEngine:
         for t in m.new_token_ids:
             st.detok.add(t)
         st.token_ids.extend(m.new_token_ids)
+        if st.t and "sent" in st.t:
+            HopTimes.mark(st.t, "first")
+            if st.num_out >= 2 or m.finish_reason:
+                if st.num_out >= 2:
+                    HopTimes.mark(st.t, "second")
+                self.hops.finish(st.t)
         if st.detok.stopped and reason is None:
             reason = FinishReason.STOP
             if st.decode_rank not in self.dispatcher.dead:
