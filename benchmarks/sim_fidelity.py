@@ -297,7 +297,7 @@ def main() -> int:
     model_gpu = sim_profile._gpu_for_model(gpu_name)
     from disagg.config import ModelConfig
     mc = ModelConfig.from_hf_dict(hf, name=name)
-    scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=args.max_num_seqs,
+    scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=args.max_num_seqs, frontdoor_s=0.0,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                      block_size=eng.runner.block_size, num_blocks=eng.runner.num_blocks)
     points = []

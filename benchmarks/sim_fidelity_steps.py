@@ -42,7 +42,7 @@ def main() -> None:
     trace = cap_lengths(load_csv(default_trace(), start=d["start"], limit=d["requests"]), 8192)
     for p in d["points"]:
         tr = rescale(trace, p["rate"]) if p["rate"] else trace
-        scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=d["max_num_seqs"],
+        scfg = SimConfig(num_prefill=0, num_decode=1, max_num_seqs=d["max_num_seqs"], frontdoor_s=0.0,
                          max_num_batched_tokens=d["max_num_batched_tokens"], max_model_len=8192, block_size=16,
                          num_blocks=d["num_blocks"], coalesce=False)
         sim = Simulator(tr, scfg, pm)

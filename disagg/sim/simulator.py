@@ -62,6 +62,9 @@ class SimConfig:
     num_blocks: int | None = None         # KV blocks per decode / colocated worker (None: the perf model's)
     gpu_memory_utilization: float = 0.90
     control_latency_s: float = 1e-3       # a control message between processes (Ray)
+    # HTTP front door (parse, router, first SSE chunk): client TTFT minus the router's own phases,
+    # 2.8-3.8 ms on an H200 host (benchmarks/bench_handoff.py); 0 for the bare engine (sim_fidelity)
+    frontdoor_s: float = 3e-3
     reserve_timeout_s: float = 30.0       # router: waiting longer for decode KV is a 503
     predictor: str = "max_tokens"         # max_tokens | fixed:N | noisy:SIGMA (log-normal error)
     prefix_caching: bool = True           # as the engine's default: a preempted request finds its blocks
@@ -146,6 +149,7 @@ class Simulator:
         self.violations = 0
         self.stopped = False
         self.next_arrival = math.inf
+        self.router_free_at = 0.0                 # the router awaits the head's Reserve before the next
         self.step_log: list | None = None         # (rank, start, [(request id, tokens)]) per ordinary step
         sc = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                              max_model_len=cfg.max_model_len, ordering=cfg.policy, aging_rate=cfg.aging_rate,
@@ -188,9 +192,10 @@ class Simulator:
             bar = tqdm(total=len(self.trace), unit="req", desc="simulating", leave=False, mininterval=0.5)
         arrivals = iter(range(len(self.trace)))
         nxt = next(arrivals, None)
+        fd = self.cfg.frontdoor_s
         if nxt is not None:
-            self.push(self.arrival[nxt], 0, "arrive", nxt)
-            self.next_arrival = self.arrival[nxt]
+            self.push(self.arrival[nxt] + fd, 0, "arrive", nxt)
+            self.next_arrival = self.arrival[nxt] + fd
         done_seen = 0
         while self.heap and not self.stopped:
             t, _, _, kind, a, b = heapq.heappop(self.heap)
@@ -200,11 +205,16 @@ class Simulator:
             elif kind == "arrive":
                 self._arrive(a)
                 nxt = next(arrivals, None)
-                self.next_arrival = math.inf if nxt is None else self.arrival[nxt]
+                self.next_arrival = math.inf if nxt is None else self.arrival[nxt] + fd
                 if nxt is not None:
                     self.push(self.next_arrival, 0, "arrive", nxt)
             elif kind == "kv":
                 self._kv_ready(a, *b)
+            elif kind == "local":
+                a.touch(t, False)
+                a.add_local(*b)
+            elif kind == "submit":
+                a.submit_prefill(*b)
             elif kind == "retry":
                 self._dispatch(after_steps=True)
             if bar is not None and self.finished + len(self.failed) - done_seen >= 256:
@@ -263,6 +273,11 @@ class Simulator:
             self._fail(int(rid), "503: no decode KV before the reserve timeout")
         if not self.queue:
             return
+        if now < self.router_free_at:             # awaiting a Reserve: the queue moves after it
+            if self._retry_at != self.router_free_at:
+                self._retry_at = self.router_free_at
+                self.push(self.router_free_at, 2, "retry")
+            return
         fcfs = cfg.policy == "fcfs"
         while self.queue:
             if fcfs:                              # arrivals are queued in time order
@@ -273,6 +288,9 @@ class Simulator:
             if not self._try(head, after_steps):
                 return
             del self.queue[head.request_id]
+            if self.router_free_at > now:
+                self._dispatch(after_steps)           # schedules the retry for the rest of the queue
+                return
 
     def _try(self, item: QueueItem, after_steps: bool) -> bool:
         """Dispatch the head now if a decode worker has room; False leaves it queued (strict order).
@@ -291,16 +309,23 @@ class Simulator:
         for rank in prefs:
             w, ld = by_rank[rank]
             w.touch(self.now, after_steps)
+            lat = cfg.control_latency_s
             if self._prefill_here(p, ld):
+                # the PrefillRequest reaches the worker's inbox one control message later
                 req = self._request(i, self.outputs[i])
-                w.add_local(req, item.predicted_len)
                 self.live[req.request_id] = req
                 w.local_prefills += 1
+                self.push(self.now + lat, 0, "local", w, (req, item.predicted_len))
                 return True
             if w.reserve(item.request_id, p, item.predicted_len, self.outputs[i]):
+                # The Reserve RPC takes the decode worker's lock, which its engine holds for a whole
+                # step: the reply comes after the step in progress (decode/worker.py). The router
+                # awaits it (the queue behind waits too), then sends the prompt to the prefill worker.
+                reply = max(self.now + lat, w.busy_until(self.now)) + lat
+                self.router_free_at = reply
                 self.live[item.request_id] = self._request(i, self.outputs[i])
                 pw = self.prefills[pick_prefill([x.load() for x in self.prefills])]
-                pw.submit_prefill(self._request(i, 1), rank)
+                self.push(reply + lat, 0, "submit", pw, (self._request(i, 1), rank))
                 return True
         return False
 

@@ -95,6 +95,7 @@ class SimWorker:
         self.max_model_len = max_model_len
         self.inflight: SchedulerOutput | None = None
         self.inflight_exec = 0.0
+        self.step_end = 0.0                       # when the ordinary step in flight ends
         self.window: _Window | None = None
         self.epoch = 0
         self.charge = 0.0                         # decode: KV decode + scatter owed to the next step
@@ -110,6 +111,14 @@ class SimWorker:
     @property
     def busy(self) -> bool:
         return self.inflight is not None or self.window is not None
+
+    def busy_until(self, now: float) -> float:
+        """When the step in progress at `now` ends (now if idle)."""
+        w = self.window
+        if w is not None:
+            j = bisect.bisect_right(w.ends, now)
+            return w.ends[j] if j < len(w.ends) else now
+        return self.step_end if self.inflight is not None else now
 
     def load(self, now: float | None = None, after_steps: bool = False) -> WorkerLoad:
         """As DecodeWorker.load / PrefillWorker.load report it at `now`. Inside a window this is
@@ -205,6 +214,7 @@ class SimWorker:
             dur += self.sim.encode_cost(self, out)
         self._account(dur, len(out.scheduled))
         self.inflight, self.inflight_exec = out, dur
+        self.step_end = now + dur
         self.sim.push(now + dur, 1, "step", self, self.epoch)
 
     def _account(self, dur: float, batch: int) -> None:
@@ -320,6 +330,7 @@ class SimWorker:
         out = SchedulerOutput([ScheduledRequest(r, 1, list(bm.block_table(r.request_id))) for r in w.reqs])
         self._account(w.durs[j], len(w.reqs))
         self.inflight, self.inflight_exec = out, w.durs[j]
+        self.step_end = w.ends[j]
         self.sim.push(w.ends[j], 1, "step", self, self.epoch)
 
     def _apply(self, w: _Window, j: int) -> None:

@@ -118,7 +118,9 @@ def test_higher_rate_never_lowers_ttft():
         for rate in (2.0, 4.0, 8.0, 16.0, 32.0):
             s = run([replace(q, arrival_s=q.arrival_s / rate) for q in base], cfg, m)["ttft_s"]
             if prev is not None:
-                assert s["mean"] >= prev["mean"] and s["p90"] >= prev["p90"], (rate, prev, s)
+                # A Reserve waits for the decode step in progress, so each request's wait depends on
+                # where in a step it arrives, a phase that rescaling moves: P90 may dip by a hair.
+                assert s["mean"] >= prev["mean"] and s["p90"] >= prev["p90"] * 0.99, (rate, prev, s)
             prev = s
 
 
@@ -130,7 +132,7 @@ def test_colocated_scenario_computed_by_hand():
     #   [24, 36)  A decodes + B's prompt (10 + 2 ms)       -> A's 3rd (done), B's first at 36
     #   [36, 46)  B decodes                                -> B done at 46
     tr = [TraceRequest(0.0, 4, 3), TraceRequest(0.015, 2, 2)]
-    res = simulate(tr, SimConfig(max_model_len=512), FakeModel())
+    res = simulate(tr, SimConfig(max_model_len=512, frontdoor_s=0.0), FakeModel())
     assert res.first == pytest.approx([0.014, 0.036]) and res.done == pytest.approx([0.036, 0.046])
     s = summarize(res)
     assert s["ttft_s"]["mean"] == pytest.approx((0.014 + 0.021) / 2)
@@ -140,14 +142,28 @@ def test_colocated_scenario_computed_by_hand():
 
 
 def test_disaggregated_scenario_computed_by_hand():
-    # One request (prompt 4, 3 tokens), 1 prefill + 1 decode worker, KV always transferred:
-    #   prefill step [0, 14); first token reaches the client 1 ms later (control message): TTFT 15 ms
-    #   KV: 2 layers, one every 7 ms; each layer's message takes 2 ms, so the last lands at 16 ms
-    #   decode steps [16, 26) and [26, 36)                  -> done at 36, TPOT (36 - 15) / 2
+    # One request (prompt 4, 3 tokens), 1 prefill + 1 decode worker, KV always transferred, control
+    # messages 1 ms, HTTP front door 3 ms:
+    #   reaches the router at 3; Reserve to the idle decode worker and back: 5; prompt at the prefill
+    #   worker at 6; prefill step [6, 20); first token at the client 1 ms later: TTFT 21 ms
+    #   KV: 2 layers, one every 7 ms; each layer's message takes 2 ms, so the last lands at 22 ms
+    #   decode steps [22, 32) and [32, 42)                  -> done at 42, TPOT (42 - 21) / 2
     res = simulate([TraceRequest(0.0, 4, 3)], SimConfig(num_prefill=1, num_decode=1, local_prefill="never",
                                                          max_model_len=512), FakeModel())
-    assert res.first == pytest.approx([0.015]) and res.done == pytest.approx([0.036])
+    assert res.first == pytest.approx([0.021]) and res.done == pytest.approx([0.042])
     assert summarize(res)["tpot_s"]["mean"] == pytest.approx(0.0105)
+
+
+def test_reserve_waits_for_the_decode_step_in_progress():
+    # A (prompt 4, 3 tokens) as above, decoding in [22, 32); B (prompt 2) reaches the router at 25 ms
+    # (22 + the 3 ms front door). Its Reserve reaches the decode worker at 26 and waits for the step
+    # in progress: answered at 32, back at 33; B's prompt reaches the prefill worker at 34, its step
+    # [34, 46) (10 + 2 ms), first token at the client at 47: TTFT 25 ms (without the wait: 19).
+    tr = [TraceRequest(0.0, 4, 3), TraceRequest(0.022, 2, 2)]
+    res = simulate(tr, SimConfig(num_prefill=1, num_decode=1, local_prefill="never", max_model_len=512),
+                   FakeModel())
+    assert res.first[0] == pytest.approx(0.021)
+    assert res.first[1] == pytest.approx(0.047)
 
 
 # ---------------------------------------------------------------------- against the real engine
@@ -189,7 +205,7 @@ def test_simulator_schedules_like_the_real_colocated_engine(tmp_path):
     finally:
         torch.set_num_threads(threads)
     from disagg.sim.simulator import Simulator
-    sim = Simulator(tr, SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=512,
+    sim = Simulator(tr, SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=512, frontdoor_s=0.0,
                                   num_blocks=blocks, coalesce=False), m)
     sim.step_log = []
     res = sim.run()
