@@ -77,7 +77,7 @@ def main() -> int:
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim.cli import model_config
     from disagg.sim.perf_model import ProfileModel, load_profile
-    from disagg.sim.profile import write_model_dir
+    from disagg.sim.serving_probe import write_model_dir
     from sim_fidelity import TINY, warm_up
 
     res = json.load(open(args.result))

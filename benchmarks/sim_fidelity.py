@@ -225,7 +225,7 @@ def main() -> int:
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim import profile as sim_profile
-    from disagg.sim.profile import write_model_dir
+    from disagg.sim.serving_probe import write_model_dir
     from disagg.sim.cli import model_config
     from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
     from disagg.sim.report import summarize

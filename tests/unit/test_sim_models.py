@@ -156,11 +156,12 @@ def test_profile_measures_on_cpu():
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.model_runner import ModelRunner
     from disagg.sim import profile
+    from disagg.sim.serving_probe import write_model_dir
     hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256, hidden_size=32,
               intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512)
     mc = ModelConfig.from_hf_dict(hf, name="tiny")
-    cfg = EngineConfig(profile.write_model_dir(hf), dtype="float32", device="cpu", load_format="dummy",
+    cfg = EngineConfig(write_model_dir(hf), dtype="float32", device="cpu", load_format="dummy",
                        cache=CacheConfig(num_blocks=256), scheduler=SchedulerConfig(max_model_len=512))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
