@@ -56,7 +56,13 @@ async def run_requests(eng, prompts, params, chaos=None, timeout: float = 120.0)
     if chaos is not None:
         await chaos()
     done, pending = await asyncio.wait(tasks, timeout=timeout)
-    assert not pending, f"{len(pending)} requests hung"
+    if pending:                  # say where each unfinished request was (the flaky-restart lead)
+        where = [dict(id=st.request_id, attempt=st.attempt, decode=st.decode_rank, prefill=st.prefill_rank,
+                      first_seen=st.first_seen, out=st.num_out, buffered=len(st.buffered), done=st.done)
+                 for st in getattr(eng, "streams", {}).values()]
+        assert not pending, (f"{len(pending)} requests hung; streams: {where}; dead: "
+                             f"{sorted(getattr(getattr(eng, 'dispatcher', None), 'dead', []))}; "
+                             f"waiting: {list(getattr(getattr(eng, 'dispatcher', None), 'waiting', {}))}")
     return [t.result() for t in tasks]
 
 
