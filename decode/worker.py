@@ -76,6 +76,7 @@ class DecodeWorker:
         self.aborted: set[str] = set()
         self.plans: dict[int, dict[int, TransferPlan]] = defaultdict(dict)    # src -> plan_id -> plan
         self.next_plan: dict[int, int] = defaultdict(int)
+        self.peer_epoch: dict[int, int] = defaultdict(int)     # src -> epoch of its current process
         self.done_msgs: dict[tuple[int, int], PlanDone] = {}
         self.landed: dict[tuple[int, int], tuple] = {}                          # (src, pid) -> (plan, ok)
         self.fallbacks = 0
@@ -135,6 +136,13 @@ class DecodeWorker:
 
     # ------------------------------------------------------------------ engine thread
     def _apply(self, msg) -> None:
+        if isinstance(msg, (TransferPlan, PlanDone)) and msg.epoch < self.peer_epoch[msg.src_rank]:
+            # from a prefill process that died and was replaced since (reset_peer): its plan ids
+            # would collide with the new process's; its requests go back to the router
+            if isinstance(msg, TransferPlan):
+                self._give_up([r for r in msg.request_ids if r in self.reserved],
+                              f"a plan from prefill rank {msg.src_rank}'s previous process")
+            return
         if isinstance(msg, TransferPlan):
             self.plans[msg.src_rank][msg.plan_id] = msg
         elif isinstance(msg, PlanDone):
@@ -257,11 +265,13 @@ class DecodeWorker:
                                             out.finish_reason.value))
         self._emit(outs)
 
-    def reset_peer(self, src: int) -> None:
-        """Prefill rank `src` restarted (called between steps): its new process numbers plans from 0
-        on a new group. Whatever its old process left here (plans queued, posted or landed without
-        their PlanDone) is dropped, its reservations freed, and the router told to retry."""
+    def reset_peer(self, src: int, epoch: int = 0) -> None:
+        """Prefill rank `src` restarted (called between steps) under `epoch`: its new process numbers
+        plans from 0 on a new group. Whatever its old process left here (plans queued, posted or
+        landed without their PlanDone) is dropped, its reservations freed, and the router told to
+        retry; its messages still in the inbox, or arriving later, are dropped in _apply (older epoch)."""
         with self._reserve_lock:
+            self.peer_epoch[src] = max(self.peer_epoch[src], epoch)
             rids = [r for p in self.plans.pop(src, {}).values() for r in p.request_ids]
             self.next_plan[src] = 0
             for p in [p for p in self.receiver.pending if p.src == src]:

@@ -101,6 +101,7 @@ class TransferPlan:
     num_tokens: list[int]          # prompt tokens sent for each request, in payload order
     codec: str
     start_tokens: list[int] = field(default_factory=list)   # first position sent per request (empty: all 0)
+    epoch: int = 0                 # the sender process's epoch (disagg/deploy/recovery.py): stale if older
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class PlanDone:
     first_tokens: list[int]        # one per request of the plan, in the same order
     params: list[dict[str, Any]] = field(default_factory=list)
     prompt_token_ids: list[list[int]] = field(default_factory=list)
+    epoch: int = 0
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class WorkerActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.cfg = engine_config_from_dict(engine_cfg)
+        self.epoch = epoch               # stamped on this process's transfer messages
         mc = ModelConfig.from_dir(self.cfg.model_dir)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         self.kv = KVChannel(ChannelConfig(self.rank, num_prefill, num_decode, init_method, prefill_cp=prefill_cp,
@@ -78,7 +79,10 @@ class WorkerActor:
         with self._between_steps():
             self.kv.install_pair(peer, pg)
             if self.worker is not None:
-                self.worker.reset_peer(peer)
+                if self.role == "decode":
+                    self.worker.reset_peer(peer, epoch)
+                else:
+                    self.worker.reset_peer(peer)
 
     def drop_peer(self, peer: int) -> None:
         """`peer` died: abort its group so that nothing waits on it (NCCL would until the timeout)."""
@@ -146,7 +150,11 @@ class WorkerActor:
             from disagg.messages import encode
             from prefill.worker import PrefillWorker
             handles = {int(k): v for k, v in decode_handles.items()}
-            send = lambda dest, msg: handles[dest].control.remote(encode(msg))  # noqa: E731
+            from dataclasses import replace as stamp
+            epoch = self.epoch
+            # TransferPlan / PlanDone carry this process's epoch: a decode worker drops what a dead
+            # predecessor sent once it has re-formed its pair with the restarted one (reconnect)
+            send = lambda dest, msg: handles[dest].control.remote(encode(stamp(msg, epoch=epoch)))  # noqa: E731
             if ring:      # context parallelism: long prompts are prefilled by this worker and its helpers
                 from prefill.ring_worker import RingPrefillWorker
                 step = lambda msg: [h.ring_step.remote(encode(msg)) for h in ring["helpers"]]  # noqa: E731

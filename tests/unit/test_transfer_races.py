@@ -13,7 +13,11 @@ from disagg.request import SamplingParams
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-def _workers(model_dir):
+def _workers(model_dir, stamp_epoch: int | None = None):
+    """A PrefillWorker (rank 0) and a DecodeWorker (rank 1) on one loopback hub; stamp_epoch: the
+    prefill's messages carry that epoch (as the deploy layer stamps a restarted process's)."""
+    from dataclasses import replace
+
     from decode.worker import DecodeWorker
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvtransfer.codec import get_codec
@@ -22,7 +26,10 @@ def _workers(model_dir):
                        scheduler=SchedulerConfig(max_num_batched_tokens=64))
     hub = LoopbackHub()
     dw = DecodeWorker(cfg, 1, hub.endpoint(1), get_codec("none"))
-    pw = PrefillWorker(cfg, 0, hub.endpoint(0), get_codec("none"), lambda dest, msg: dw.control(decode(encode(msg))))
+
+    def send(dest, msg):
+        dw.control(decode(encode(msg if stamp_epoch is None else replace(msg, epoch=stamp_epoch))))
+    pw = PrefillWorker(cfg, 0, hub.endpoint(0), get_codec("none"), send)
     return pw, dw
 
 
@@ -49,6 +56,40 @@ def test_abort_that_overtakes_its_transfer_plan(tiny_ckpts):
     assert bm.num_free_blocks == bm.num_blocks
 
     # the wire is still in step: the next request is served exactly
+    want = make_engine(d).generate([b], PARAMS)[0].output_token_ids
+    assert dw.reserve(Reserve("b", len(b))).ok
+    pw.submit(PrefillRequest("b", b, params_to_dict(PARAMS), 1))
+    toks = []
+    for _ in range(100):
+        pw.run_step()
+        dw.run_step()
+        for o in pw.take_outputs(0) + dw.take_outputs(0):
+            assert not o.error
+            toks += o.new_token_ids
+        if len(toks) == PARAMS.max_tokens:
+            break
+    assert toks == want
+
+
+def test_messages_from_a_restarted_prefills_old_process_are_dropped(tiny_ckpts):
+    """The prefill rank died after streaming "a" (its TransferPlan and PlanDone still on their way)
+    and came back: the decode worker re-formed the pair (reset_peer, epoch 1). Its predecessor's
+    messages, delivered after that, must not be taken for the new process's: plan ids restart from 0,
+    so "a"'s stale plan 0 would be matched with the new process's plan 0 (another request's KV)."""
+    from disagg.messages import PlanDone, TransferPlan
+    d = tiny_ckpts("llama_gqa")
+    pw, dw = _workers(d, stamp_epoch=1)
+    a, b = _prompt(3, 23), _prompt(4, 17)
+    assert dw.reserve(Reserve("a", len(a))).ok
+    dw.reset_peer(0, epoch=1)
+    dw.control(TransferPlan(0, 0, ["a"], [len(a)], "none", epoch=0))
+    dw.control(PlanDone(0, 0, [5], [params_to_dict(PARAMS)], [a], epoch=0))
+    dw.run_step()
+    out = dw.take_outputs(0)
+    assert [(o.request_id, o.finish_reason) for o in out] == [("a", "retry")]
+    assert "a" not in dw.reserved and not dw.plans[0] and not dw.done_msgs and not dw.receiver.pending
+
+    # the new process (epoch 1) numbers its plans from 0 again: "b" is served exactly
     want = make_engine(d).generate([b], PARAMS)[0].output_token_ids
     assert dw.reserve(Reserve("b", len(b))).ok
     pw.submit(PrefillRequest("b", b, params_to_dict(PARAMS), 1))
