@@ -265,6 +265,22 @@ class DecodeWorker:
                                             out.finish_reason.value))
         self._emit(outs)
 
+    def where(self, rid: str) -> dict:
+        """Where this worker holds request `rid` (diagnostics; read without the engine's lock)."""
+        eng = self.engine
+        req = eng.requests.get(rid)
+        return {"reserved": rid in self.reserved, "aborted": rid in self.aborted,
+                "planned": [(s, p) for s, ps in list(self.plans.items()) for p, m in list(ps.items())
+                            if rid in m.request_ids],
+                "receiving": [(p.src, p.plan_id) for p in list(self.receiver.pending) if rid in p.request_ids],
+                "landed": [k for k, (p, _) in list(self.landed.items()) if rid in p.request_ids],
+                "done_msgs": sorted(self.done_msgs), "next_plan": dict(self.next_plan),
+                "peer_epoch": dict(self.peer_epoch),
+                "engine": None if req is None else {"finished": req.finished, "computed": req.num_computed_tokens,
+                                                    "out": req.num_output_tokens,
+                                                    "running": req in eng.scheduler.running,
+                                                    "waiting": req in eng.scheduler.waiting}}
+
     def reset_peer(self, src: int, epoch: int = 0) -> None:
         """Prefill rank `src` restarted (called between steps) under `epoch`: its new process numbers
         plans from 0 on a new group. Whatever its old process left here (plans queued, posted or

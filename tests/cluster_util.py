@@ -60,6 +60,12 @@ async def run_requests(eng, prompts, params, chaos=None, timeout: float = 120.0)
         where = [dict(id=st.request_id, attempt=st.attempt, decode=st.decode_rank, prefill=st.prefill_rank,
                       first_seen=st.first_seen, out=st.num_out, buffered=len(st.buffered), done=st.done)
                  for st in getattr(eng, "streams", {}).values()]
+        for w in where:          # and what the workers hold for it
+            try:
+                import ray
+                w["workers"] = {r: ray.get(a.where.remote(w["id"]), timeout=10) for r, a in eng.actors.items()}
+            except Exception as e:  # noqa: BLE001 - diagnostics only
+                w["workers"] = repr(e)
         assert not pending, (f"{len(pending)} requests hung; streams: {where}; dead: "
                              f"{sorted(getattr(getattr(eng, 'dispatcher', None), 'dead', []))}; "
                              f"waiting: {list(getattr(getattr(eng, 'dispatcher', None), 'waiting', {}))}")

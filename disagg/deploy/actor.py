@@ -261,6 +261,15 @@ class WorkerActor:
     def health(self) -> str | None:
         return self.error
 
+    def where(self, request_id: str) -> dict:
+        """Where this worker holds a request (diagnostics for a request that stopped moving)."""
+        w = self.worker
+        if w is None:
+            return {"set_up": False}
+        if hasattr(w, "where"):
+            return w.where(request_id)
+        return {"queued": request_id in getattr(w, "dest", {})}
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

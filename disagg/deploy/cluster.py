@@ -332,9 +332,12 @@ class DisaggEngine:
         role = "prefill" if rank in self.prefill_ranks else "decode"
         self.log(f"  {role} worker {rank} died: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         for st in list(self.streams.values()):
-            # A prefill worker's death only matters before its first token arrived: after that the
-            # decode worker holds the KV (PlanDone precedes the first token) and goes on alone.
-            hit = rank == st.decode_rank or (rank == st.prefill_rank and not st.first_seen)
+            # A prefill worker's death matters until the decode worker has shown it holds the
+            # request: the prefill sends TransferPlan and PlanDone before the first token, but on
+            # other paths (Ray calls from its process, the token through our output poll), so a
+            # killed process can lose the former after the latter reached us. Until a token came
+            # from the decode worker, retry (a request it did hold is aborted there and replayed).
+            hit = rank == st.decode_rank or (rank == st.prefill_rank and (not st.first_seen or st.num_out <= 1))
             if hit and not st.done:
                 st.q.put_nowait(_Retry(f"{role} worker {rank} died"))
         self.recovery.on_death(rank)
