@@ -33,6 +33,23 @@ def _workers(model_dir, stamp_epoch: int | None = None):
     return pw, dw
 
 
+def _serves_exactly(model_dir, pw, dw, rid, prompt) -> None:
+    """Reserve, prefill and decode `prompt` through the pair: the colocated engine's tokens."""
+    want = make_engine(model_dir).generate([prompt], PARAMS)[0].output_token_ids
+    assert dw.reserve(Reserve(rid, len(prompt))).ok
+    pw.submit(PrefillRequest(rid, prompt, params_to_dict(PARAMS), 1))
+    toks = []
+    for _ in range(100):
+        pw.run_step()
+        dw.run_step()
+        for o in pw.take_outputs(0) + dw.take_outputs(0):
+            assert not o.error
+            toks += o.new_token_ids
+        if len(toks) == PARAMS.max_tokens:
+            break
+    assert toks == want
+
+
 def _prompt(seed, n):
     return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -56,19 +73,7 @@ def test_abort_that_overtakes_its_transfer_plan(tiny_ckpts):
     assert bm.num_free_blocks == bm.num_blocks
 
     # the wire is still in step: the next request is served exactly
-    want = make_engine(d).generate([b], PARAMS)[0].output_token_ids
-    assert dw.reserve(Reserve("b", len(b))).ok
-    pw.submit(PrefillRequest("b", b, params_to_dict(PARAMS), 1))
-    toks = []
-    for _ in range(100):
-        pw.run_step()
-        dw.run_step()
-        for o in pw.take_outputs(0) + dw.take_outputs(0):
-            assert not o.error
-            toks += o.new_token_ids
-        if len(toks) == PARAMS.max_tokens:
-            break
-    assert toks == want
+    _serves_exactly(d, pw, dw, "b", b)
 
 
 def test_messages_from_a_restarted_prefills_old_process_are_dropped(tiny_ckpts):
@@ -90,16 +95,4 @@ def test_messages_from_a_restarted_prefills_old_process_are_dropped(tiny_ckpts):
     assert "a" not in dw.reserved and not dw.plans[0] and not dw.done_msgs and not dw.receiver.pending
 
     # the new process (epoch 1) numbers its plans from 0 again: "b" is served exactly
-    want = make_engine(d).generate([b], PARAMS)[0].output_token_ids
-    assert dw.reserve(Reserve("b", len(b))).ok
-    pw.submit(PrefillRequest("b", b, params_to_dict(PARAMS), 1))
-    toks = []
-    for _ in range(100):
-        pw.run_step()
-        dw.run_step()
-        for o in pw.take_outputs(0) + dw.take_outputs(0):
-            assert not o.error
-            toks += o.new_token_ids
-        if len(toks) == PARAMS.max_tokens:
-            break
-    assert toks == want
+    _serves_exactly(d, pw, dw, "b", b)
