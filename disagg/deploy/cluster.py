@@ -289,7 +289,8 @@ class DisaggEngine:
         st.decode_rank = rank
         if local or st.attempt > 1:
             st.t.clear()                      # only a first, remote prefill has a handoff to time
-        HopTimes.mark(st.t, "dispatched")
+        else:
+            HopTimes.mark(st.t, "dispatched")
         held = self.dispatcher.dest_cached.pop(st.wire_id, 0)     # prompt tokens d holds: not transferred
         msg = encode(PrefillRequest(st.wire_id, ids, params_to_dict(params), rank, predicted, held))
         try:
@@ -302,7 +303,8 @@ class DisaggEngine:
                 self.dispatcher.bump(st.prefill_rank, tokens=len(ids))
                 self.dispatcher.holds(st.prefill_rank, keys)
                 await self.actors[st.prefill_rank].submit.remote(msg)
-                HopTimes.mark(st.t, "sent")
+                if st.t:
+                    HopTimes.mark(st.t, "sent")
         except ray.exceptions.RayError as e:
             self._mark_dead(st.prefill_rank if st.prefill_rank is not None else rank, e)
 
