@@ -68,7 +68,8 @@ def phase_sums(url: str) -> dict[str, tuple[float, float]]:
 def simulated(p: dict, reqs, prompt_len: int, output_len: int, max_model_len: int) -> dict:
     """The simulator on the same arrivals and lengths, 1 prefill + 1 decode GPU, the shipped profile."""
     from disagg.sim.cli import model_config
-    from disagg.sim.perf_model import make_model, load_profile
+    from disagg.sim.perf_model import make_model
+    from disagg.sim.profile_model import load_profile
     from disagg.sim.report import summarize
     from disagg.sim.simulator import SimConfig, Simulator
     from disagg.traces import TraceRequest

@@ -45,18 +45,9 @@ def decode_contexts(b: int, k: int, spread: bool) -> list[int]:
 
 def build(runner, decodes: list[int], chunks: list[tuple[int, int]]):
     """A SchedulerOutput: decodes at contexts `decodes`, then prefill chunks (n new after c cached),
-    each request on scattered blocks (sim/profile.py's _Blocks)."""
-    from decode.scheduler import ScheduledRequest, SchedulerOutput
-    from disagg.request import Request, SamplingParams
-    from disagg.sim.profile import _Blocks
-    pool = _Blocks(runner.num_blocks)
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    sched = []
-    for i, (n, c) in enumerate([(1, x - 1) for x in decodes] + list(chunks)):
-        req = Request(f"r{i}", [1 + (i + j) % 97 for j in range(n + c)], params)
-        req.num_computed_tokens = c
-        sched.append(ScheduledRequest(req, n, pool.take(-(-(n + c) // runner.block_size))))
-    return SchedulerOutput(sched)
+    each request on scattered blocks (disagg/sim/profile.py's step_of, as the profile measures)."""
+    from disagg.sim.profile import step_of
+    return step_of(runner, [(1, x - 1) for x in decodes] + list(chunks))
 
 
 def main() -> int:
@@ -76,7 +67,7 @@ def main() -> int:
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.llm_engine import LLMEngine
     from disagg.sim.cli import model_config
-    from disagg.sim.perf_model import ProfileModel, load_profile
+    from disagg.sim.profile_model import ProfileModel, load_profile
     from disagg.sim.serving_probe import write_model_dir
     from sim_fidelity import TINY, warm_up
 

@@ -227,7 +227,8 @@ def main() -> int:
     from disagg.sim import profile as sim_profile
     from disagg.sim.serving_probe import write_model_dir
     from disagg.sim.cli import model_config
-    from disagg.sim.perf_model import ProfileModel, RooflineModel, load_profile
+    from disagg.sim.perf_model import RooflineModel
+    from disagg.sim.profile_model import ProfileModel, load_profile
     from disagg.sim.report import summarize
     from disagg.sim.simulator import SimConfig, Simulator
     from disagg.traces import cap_lengths, load_csv, rescale

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
-from disagg.sim.perf_model import ProfileModel, load_profile  # noqa: E402
+from disagg.sim.profile_model import ProfileModel, load_profile  # noqa: E402
 from disagg.sim.report import summarize  # noqa: E402
 from disagg.sim.simulator import SimConfig, Simulator  # noqa: E402
 from disagg.traces import cap_lengths, load_csv, rescale  # noqa: E402

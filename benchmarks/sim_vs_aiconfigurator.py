@@ -90,7 +90,8 @@ def main() -> int:
     from benchmarks.aic_predict import run as aic_run
     from disagg.sim.cli import HERE, model_config
     from disagg.sim.gpus import gpu_key
-    from disagg.sim.perf_model import load_profile, make_model
+    from disagg.sim.perf_model import make_model
+    from disagg.sim.profile_model import load_profile
     from disagg.sim.plan import Planner, format_plan
     from disagg.sim.simulator import SimConfig
     from disagg.traces import synthetic

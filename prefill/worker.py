@@ -169,10 +169,11 @@ class PrefillWorker:
             self.orig_params.pop(req.request_id, None)
         self._emit(outs)
 
-    def reset_peer(self, dest: int) -> None:
-        """Decode rank `dest` restarted (called between steps): its new process numbers plans from 0,
-        and a request still bound for its old process is retried by the router (normally the router
-        has aborted them all already)."""
+    def reset_peer(self, dest: int, epoch: int = 0) -> None:
+        """Decode rank `dest` restarted (called between steps) under `epoch`: its new process numbers
+        plans from 0, and a request still bound for its old process is retried by the router
+        (normally the router has aborted them all already). A decode worker sends this side no
+        transfer messages, so there is no epoch to check here."""
         self.next_plan_id[dest] = 0
         for rid in [r for r, d in self.dest.items() if d == dest]:
             if self.scheduler.abort(rid) is not None:

@@ -79,10 +79,7 @@ class WorkerActor:
         with self._between_steps():
             self.kv.install_pair(peer, pg)
             if self.worker is not None:
-                if self.role == "decode":
-                    self.worker.reset_peer(peer, epoch)
-                else:
-                    self.worker.reset_peer(peer)
+                self.worker.reset_peer(peer, epoch)
 
     def drop_peer(self, peer: int) -> None:
         """`peer` died: abort its group so that nothing waits on it (NCCL would until the timeout)."""

@@ -339,7 +339,9 @@ class DisaggEngine:
             # other paths (Ray calls from its process, the token through our output poll), so a
             # killed process can lose the former after the latter reached us. Until a token came
             # from the decode worker, retry (a request it did hold is aborted there and replayed).
-            hit = rank == st.decode_rank or (rank == st.prefill_rank and (not st.first_seen or st.num_out <= 1))
+            # A remote prefill is only ever a first token's source (an attempt with tokens already
+            # prefills locally), so "no token from the decode worker yet" is num_out <= 1.
+            hit = rank == st.decode_rank or (rank == st.prefill_rank and st.num_out <= 1)
             if hit and not st.done:
                 st.q.put_nowait(_Retry(f"{role} worker {rank} died"))
         self.recovery.on_death(rank)
@@ -393,11 +395,11 @@ class DisaggEngine:
         for t in m.new_token_ids:
             st.detok.add(t)
         st.token_ids.extend(m.new_token_ids)
-        if st.t and "sent" in st.t:
+        if "sent" in st.t:                  # a remote prefill's handoff, not yet recorded
             HopTimes.mark(st.t, "first")
+            if st.num_out >= 2:
+                HopTimes.mark(st.t, "second")
             if st.num_out >= 2 or m.finish_reason:
-                if st.num_out >= 2:
-                    HopTimes.mark(st.t, "second")
                 self.hops.finish(st.t)
         if st.detok.stopped and reason is None:
             reason = FinishReason.STOP

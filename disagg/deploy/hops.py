@@ -34,16 +34,15 @@ class HopTimes:
             t[name] = time.perf_counter()
 
     def finish(self, t: dict) -> None:
-        """A stream's timestamps (once it has its second token, or ends): record each phase it has."""
-        if t.get("_done"):
-            return
-        t["_done"] = True
+        """A stream's timestamps (once it has its second token, or ends): record each phase it has,
+        then empty them (the stream's later tokens have nothing to time)."""
         for phase, (a, b) in zip(PHASES, _EDGES):
             if a in t and b in t:
                 s = t[b] - t[a]
                 self.samples[phase].append(s)
                 if self.observe is not None:
                     self.observe(phase, s)
+        t.clear()
 
     def summary(self) -> dict:
         """Per phase: count, median and P90 seconds of the kept samples."""

@@ -105,7 +105,8 @@ def load_trace(args):
 
 def perf_models(args, mc):
     """(decode / colocated model, prefill model) for the GPU, TPs and link asked for."""
-    from disagg.sim.perf_model import load_profile, make_model
+    from disagg.sim.perf_model import make_model
+    from disagg.sim.profile_model import load_profile
     prof = None
     path = args.profile
     if path is None and not args.roofline:
@@ -176,7 +177,8 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from disagg.sim.perf_model import load_profile, make_model
+    from disagg.sim.perf_model import make_model
+    from disagg.sim.profile_model import load_profile
     from disagg.sim.plan import Planner, format_plan
     mc = model_config(args.model)
     slo = parse_slo(args.slo)

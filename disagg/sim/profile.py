@@ -197,11 +197,11 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
     prof["multi"] = [{"prompts": k, "tokens": n, "seconds": m.step([(n, 0)] * k)}
                      for k, n in grid["multi"] if k * n <= 16384 and not timed_out()]
     on_runner = runner.device.type == "cuda" or grid.get("host_on_runner", False)
-    prof["host"] = host_overhead(runner if on_runner else None, grid.get("host_s", 12.0))
+    prof["host"], served = host_overhead(runner if on_runner else None, grid.get("host_s", 12.0))
     prof["codecs"] = m.codecs(grid["codec_tokens"])
     prof["link"] = m.link(link_peer, gpu_name)
     # per-prompt overhead and validation need the tables: fit through a ProfileModel
-    from disagg.sim.perf_model import ProfileModel
+    from disagg.sim.profile_model import ProfileModel
     pm = ProfileModel({**prof, "gpu": _gpu_for_model(gpu_name)})
     extra = [(x["seconds"] - pm.prefill_chunks_time([(x["tokens"], 0)] * x["prompts"])
               + pm.host_s(0, [(x["tokens"], 0)] * x["prompts"])) / (x["prompts"] - 1) for x in prof["multi"]]
@@ -213,7 +213,7 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
     # decodes and prompt chunks against the tables, binned by prompt tokens (single measurements
     # of a made-up mixed step jitter by several ms between neighbouring shapes on the H200
     # hosts, and serving's steps are what the model must match); else measured on a grid.
-    served = [x for x in prof["host"].pop("_steps", []) if x[0] and x[2]]
+    served = [x for x in served if x[0] and x[2]]            # steps with decodes and chunks
     ex, source = [], "grid"
     if len(served) >= grid.get("served_min", 20):
         bins = [(0, 192), (192, 768), (768, 1 << 30)]
@@ -222,7 +222,7 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
             if len(pts) < 3:
                 continue
             rep = statistics.median(sum(n for n, _ in x[2]) for x in pts)
-            for b, kv, chunks, maxc, t in pts:
+            for b, kv, chunks, maxc, t, _ in pts:
                 pred = pm.prefill_chunks_time(chunks, b, kv, maxc) - pm.host_s(b, chunks)
                 ex.append((b, rep, t - pred))
         source = "serving run"
@@ -256,7 +256,7 @@ def measure(runner, hf: dict, name: str, gpu_name: str, grid: dict = FULL, deadl
 
 def _fill_missing(row: list) -> list[float]:
     """A table row with gaps (points that did not fit): interpolated from its measured points."""
-    from disagg.sim.perf_model import ProfileModel
+    from disagg.sim.profile_model import ProfileModel
     return ProfileModel._fill_row(list(range(len(row))), row)
 
 
@@ -277,6 +277,24 @@ def _default_out(gpu_name: str, model: str) -> str:
     except ValueError:
         key = gpu_name.lower().replace(" ", "_")
     return os.path.join(HERE, "profiles", f"{key}_{model.replace('-', '_')}.json")
+
+
+def step_of(runner, items: list[tuple[int, int]]):
+    """A SchedulerOutput of requests [(new tokens, cached tokens)] on scattered blocks (as after
+    churn), decodes (1, c) first; None if the KV cache is too small for them."""
+    from decode.scheduler import ScheduledRequest, SchedulerOutput
+    from disagg.request import Request, SamplingParams
+    pool = _Blocks(runner.num_blocks)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    sched = []
+    try:
+        for i, (n, c) in enumerate(items):
+            req = Request(f"q{i}", [1] * (n + c), params)
+            req.num_computed_tokens = c
+            sched.append(ScheduledRequest(req, n, pool.take(-(-(n + c) // runner.block_size))))
+    except MemoryError:
+        return None
+    return SchedulerOutput(sorted(sched, key=lambda s: not s.is_decode))
 
 
 class _Measure:
@@ -303,21 +321,8 @@ class _Measure:
 
     def step(self, items: list[tuple[int, int]]) -> float | None:
         """One runner.execute of requests [(new tokens, cached tokens)], decodes (1, c) first."""
-        from decode.scheduler import ScheduledRequest, SchedulerOutput
-        from disagg.request import Request, SamplingParams
-        r = self.r
-        pool = _Blocks(r.num_blocks)
-        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        sched = []
-        try:
-            for i, (n, c) in enumerate(items):
-                req = Request(f"q{i}", [1] * (n + c), params)
-                req.num_computed_tokens = c
-                sched.append(ScheduledRequest(req, n, pool.take(-(-(n + c) // r.block_size))))
-        except MemoryError:
-            return None
-        out = SchedulerOutput(sorted(sched, key=lambda s: not s.is_decode))
-        return self._time(lambda: r.execute(out))
+        out = step_of(self.r, items)
+        return None if out is None else self._time(lambda: self.r.execute(out))
 
     def codecs(self, token_counts) -> dict:
         import torch

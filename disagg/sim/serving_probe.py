@@ -53,7 +53,8 @@ TINY_HF = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_siz
                tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 
 
-def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, seed: int = 0) -> dict:
+def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0,
+                  seed: int = 0) -> tuple[dict, list]:
     """The engine's host work per step, outside runner.execute, as it is while serving: a real
     LLMEngine (scheduler, block manager with prefix caching, updates, outputs) serving a
     synthetic open-loop workload (Poisson arrivals, conversation-like lengths: lognormal prompts
@@ -64,7 +65,10 @@ def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, see
     12-17 us per request on the H200 hosts, benchmarks/RESULTS.md): serving's block tables,
     prefix-cache evictions and outputs differ step to step. Fitted by least squares: decode-only
     steps give sched_s + sched_seq_s B; steps with prompt chunks, what they cost on top,
-    chunk_s per chunk + chunk_token_s per prompt token."""
+    chunk_s per chunk + chunk_token_s per prompt token.
+
+    Returns (the host row of a profile, the steps run on `runner`: (B, KV tokens, chunks, longest
+    decode context, execute s, host s) each; [] with no runner)."""
     from dataclasses import replace
 
     import numpy as np
@@ -72,6 +76,7 @@ def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, see
     from disagg.config import CacheConfig, EngineConfig, SchedulerConfig
     from disagg.engine.llm_engine import LLMEngine
     from disagg.request import SamplingParams
+    from disagg.sim.workers import step_shape
     from disagg.traces import cap_lengths, synthetic
     if runner is None:
         cfg = EngineConfig(write_model_dir(TINY_HF), dtype="float32", device="cpu", load_format="dummy",
@@ -98,10 +103,16 @@ def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, see
         r = execute(out)
         inside[0] = time.perf_counter() - t0
         return r
+    schedule, seen = eng.scheduler.schedule, []
+
+    def recording_schedule():
+        seen.append(schedule())
+        return seen[-1]
     eng.runner.execute = timed_execute
+    eng.scheduler.schedule = recording_schedule
     rng = np.random.default_rng(seed)
     vocab = min(500, runner.model_cfg.vocab_size if runner is not None else TINY_HF["vocab_size"])
-    dec, mixed, steps = [], [], []
+    steps = []
     try:
         t0, i = time.perf_counter(), 0
         while time.perf_counter() - t0 < duration_s and (i < len(trace) or eng.has_unfinished()):
@@ -114,34 +125,24 @@ def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, see
             if not eng.has_unfinished():
                 time.sleep(0.001)
                 continue
-            schedule, seen = eng.scheduler.schedule, []
-
-            def recording():
-                out = schedule()
-                seen.append(out)
-                return out
-            eng.scheduler.schedule = recording
+            seen.clear()
             ts = time.perf_counter()
             eng.step()
             host = time.perf_counter() - ts - inside[0]
-            eng.scheduler.schedule = schedule
-            out = seen[0]
-            if not out:
-                continue
-            from disagg.sim.workers import step_shape
-            b, kv, chunk_list, maxc = step_shape(out)
-            chunks = [n for n, _ in chunk_list]
-            (mixed if chunks else dec).append((b, len(chunks), sum(chunks), host))
-            steps.append((b, kv, chunk_list, maxc, inside[0]))
+            if seen and seen[0]:
+                steps.append((*step_shape(seen[0]), inside[0], host))
     finally:
+        eng.scheduler.schedule = schedule
         if runner is not None:
             del runner.execute                   # the instance attribute: back to the method
         else:
             eng.runner.execute = execute
+    dec = [(b, host) for b, _, chunks, _, _, host in steps if not chunks]
+    mixed = [(b, len(chunks), sum(n for n, _ in chunks), host) for b, _, chunks, _, _, host in steps if chunks]
     if len(dec) < 2:
         raise RuntimeError("host_overhead: too few decode steps to fit (raise duration_s)")
     x = np.array([d[0] for d in dec], dtype=float)
-    y = np.array([d[3] for d in dec])
+    y = np.array([d[1] for d in dec])
     k, a = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(np.median(y)))
     a, k = max(float(a), 0.0), max(float(k), 0.0)
     c0 = ct = 0.0
@@ -150,9 +151,8 @@ def host_overhead(runner=None, duration_s: float = 12.0, rate: float = 16.0, see
         resid = m[:, 3] - (a + k * (m[:, 0] + m[:, 1]))
         (c0, ct), *_ = np.linalg.lstsq(m[:, 1:3], resid, rcond=None)
         c0, ct = max(float(c0), 0.0), max(float(ct), 0.0)
-    return {"sched_s": a, "sched_seq_s": k, "chunk_s": c0, "chunk_token_s": ct,
+    host = {"sched_s": a, "sched_seq_s": k, "chunk_s": c0, "chunk_token_s": ct,
             "method": f"LLMEngine.step minus runner.execute, {duration_s:g} s of a synthetic workload at {rate:g} "
                       f"req/s" + (" (no GPU work)" if runner is None else ""),
-            "decode_steps": len(dec), "mixed_steps": len(mixed),
-            "mean_batch": float(x.mean()),
-            "_steps": steps if runner is not None else []}   # (B, KV, chunks, longest, execute s); not saved
+            "decode_steps": len(dec), "mixed_steps": len(mixed), "mean_batch": float(x.mean())}
+    return host, (steps if runner is not None else [])

@@ -306,10 +306,10 @@ class Simulator:
                                   committed={w.rank: w.committed_blocks for w in loads}) \
             or decode_preference(loads, need_prompt)
         by_rank = {w.rank: (w, ld) for w, ld in zip(self.decodes, loads)}
+        lat = cfg.control_latency_s
         for rank in prefs:
             w, ld = by_rank[rank]
             w.touch(self.now, after_steps)
-            lat = cfg.control_latency_s
             if self._prefill_here(p, ld):
                 # the PrefillRequest reaches the worker's inbox one control message later
                 req = self._request(i, self.outputs[i])

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from disagg.config import ModelConfig
-from disagg.sim.perf_model import ProfileModel, RooflineModel
+from disagg.sim.perf_model import RooflineModel
+from disagg.sim.profile_model import ProfileModel
 from disagg.sim.simulator import SimConfig
 from disagg.traces import synthetic
 
